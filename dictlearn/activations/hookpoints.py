@@ -1,0 +1,255 @@
+"""Named places in a Hugging Face model where activations are read or replaced.
+
+Two ways to name a hookpoint:
+- family-independent aliases `resid_pre.L`, `resid_post.L`, `mlp_in.L`, `mlp_hidden.L`, `mlp_out.L`,
+  `attn_out.L` (L = layer index), found by the model's structure rather than a per-family table;
+- the model's own module paths with fnmatch patterns (`model.layers.*.mlp.down_proj`): the module's
+  output, or its input with the suffix `:input` (`model.layers.3.mlp.down_proj:input`).
+
+Everything here is torch-side and knows no dictionary: `capture` reads activations,
+`intervene` rewrites them (splicing, steering), `stop_after` ends a forward early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+ALIASES = ("resid_pre", "resid_post", "mlp_in", "mlp_hidden", "mlp_out", "attn_out")
+_LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers",
+                "model.language_model.layers")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_OUT_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "out_proj")
+
+
+class HookpointError(ValueError):
+    """A hookpoint the model does not have."""
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once every needed activation is captured."""
+
+
+@dataclass(frozen=True)
+class Hookpoint:
+    name: str  # what the user wrote (an alias like resid_post.10, or a module path)
+    module_path: str  # the torch module whose input or output this is
+    site: str  # "input" or "output"
+    layer: int | None  # decoder block index, when known
+    width: int | None = None
+
+
+def decoder_layers_path(model: torch.nn.Module) -> str:
+    """Module path of the list of decoder blocks (model.layers, transformer.h, gpt_neox.layers, ...)."""
+    modules = dict(model.named_modules())
+    for p in _LAYER_LISTS:
+        if isinstance(modules.get(p), torch.nn.ModuleList):
+            return p
+    for p, m in modules.items():  # any other family: the first ModuleList of blocks
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and any(hasattr(m[0], a) for a in _ATTN_NAMES):
+            return p
+    raise HookpointError(f"cannot find the decoder layers of {type(model).__name__}; name hookpoints by module path instead")
+
+
+def n_layers(model: torch.nn.Module) -> int:
+    return len(model.get_submodule(decoder_layers_path(model)))
+
+
+def _child(block: torch.nn.Module, names: tuple[str, ...], what: str, where: str) -> str:
+    for n in names:
+        if hasattr(block, n) and isinstance(getattr(block, n), torch.nn.Module):
+            return n
+    raise HookpointError(f"{where} has no {what} submodule (looked for {', '.join(names)})")
+
+
+def _alias_target(model: torch.nn.Module, alias: str, layer: int) -> tuple[str, str]:
+    layers = decoder_layers_path(model)
+    count = len(model.get_submodule(layers))
+    if not 0 <= layer < count:
+        raise HookpointError(f"hookpoint {alias}.{layer}: layer {layer} is out of range; the model has layers 0..{count - 1}")
+    block_path = f"{layers}.{layer}"
+    block = model.get_submodule(block_path)
+    if alias == "resid_pre":
+        return block_path, "input"
+    if alias == "resid_post":
+        return block_path, "output"
+    if alias == "attn_out":
+        return f"{block_path}.{_child(block, _ATTN_NAMES, 'attention', block_path)}", "output"
+    mlp_name = _child(block, _MLP_NAMES, "MLP", block_path)
+    mlp_path = f"{block_path}.{mlp_name}"
+    if alias == "mlp_in":
+        return mlp_path, "input"
+    if alias == "mlp_out":
+        return mlp_path, "output"
+    if alias == "mlp_hidden":
+        proj = _child(getattr(block, mlp_name), _OUT_PROJ_NAMES, "output projection", mlp_path)
+        return f"{mlp_path}.{proj}", "input"
+    raise HookpointError(f"unknown alias {alias!r}")
+
+
+def valid_hookpoints_help(model: torch.nn.Module) -> str:
+    try:
+        count = n_layers(model)
+        alias_part = f"aliases {', '.join(a + '.L' for a in ALIASES)} with L in 0..{count - 1}"
+        block0 = f"{decoder_layers_path(model)}.0"
+        paths = [p.replace(block0, block0[:-1] + "*", 1) for p, _ in model.named_modules() if p.startswith(block0)]
+    except HookpointError:
+        alias_part, paths = "no aliases (unknown layer layout)", [p for p, _ in model.named_modules() if p][:40]
+    return f"valid hookpoints: {alias_part}; or module paths (optionally with ':input'), e.g. {', '.join(paths[:14])}"
+
+
+def _layer_of(model: torch.nn.Module, module_path: str) -> int | None:
+    try:
+        layers = decoder_layers_path(model)
+    except HookpointError:
+        return None
+    m = re.match(re.escape(layers) + r"\.(\d+)(\.|$)", module_path)
+    return int(m.group(1)) if m else None
+
+
+def resolve(model: torch.nn.Module, names: list[str] | str, probe_widths: bool = True) -> list[Hookpoint]:
+    """Turn names/patterns into Hookpoints (in the order given), failing before any work on a bad one."""
+    if isinstance(names, str):
+        names = [names]
+    modules = dict(model.named_modules())
+    out: list[Hookpoint] = []
+    for name in names:
+        m = re.fullmatch(r"([a-z_]+)\.(\d+)", name)
+        if m and m.group(1) in ALIASES:
+            path, site = _alias_target(model, m.group(1), int(m.group(2)))
+            out.append(Hookpoint(name, path, site, int(m.group(2))))
+            continue
+        pattern, site = (name[: -len(":input")], "input") if name.endswith(":input") else (name, "output")
+        matches = [p for p in modules if p and fnmatch.fnmatchcase(p, pattern)]
+        if not matches:
+            raise HookpointError(f"unknown hookpoint {name!r} for {type(model).__name__}. {valid_hookpoints_help(model)}")
+        for p in matches:
+            out.append(Hookpoint(p + (":input" if site == "input" else ""), p, site, _layer_of(model, p)))
+    if len({h.name for h in out}) != len(out):
+        raise HookpointError(f"hookpoints {names} name the same place twice")
+    if probe_widths:
+        out = _with_widths(model, out)
+    return out
+
+
+def _with_widths(model: torch.nn.Module, hps: list[Hookpoint]) -> list[Hookpoint]:
+    """Measure each hookpoint's width with a two-token forward (works for any module path)."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), capture(model, hps, stop_early=True) as acts:
+        run_forward(model, torch.zeros((1, 2), dtype=torch.long, device=device))
+    return [Hookpoint(h.name, h.module_path, h.site, h.layer, int(acts[h.name].shape[-1])) for h in hps]
+
+
+def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("hidden_states", "x", "input", "inputs_embeds"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    raise RuntimeError("cannot find the input tensor of a hooked module")
+
+
+def _output_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise RuntimeError(f"cannot find the output tensor of a hooked module (got {type(output).__name__})")
+
+
+def _replace_output(output, new: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [new] + list(output[1:])
+    raise RuntimeError(f"cannot replace the output of type {type(output).__name__}")
+
+
+def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args and isinstance(args[0], torch.Tensor):
+        return (new,) + tuple(args[1:]), kwargs
+    for key in ("hidden_states", "x", "input", "inputs_embeds"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return args, {**kwargs, key: new}
+    raise RuntimeError("cannot find the input tensor of a hooked module")
+
+
+def _stop_module(model: torch.nn.Module, hps: list[Hookpoint]) -> str | None:
+    """The decoder block after which nothing more is needed (None: cannot tell, run everything)."""
+    if any(h.layer is None for h in hps):
+        return None
+    return f"{decoder_layers_path(model)}.{max(h.layer for h in hps)}"
+
+
+@contextlib.contextmanager
+def capture(
+    model: torch.nn.Module, hookpoints: list[Hookpoint], stop_early: bool = False, detach: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the activation at each hookpoint into the yielded dict (name -> (B, T, d) tensor).
+
+    With stop_early, the forward ends (StopForward, swallowed by `run_forward`) after the last
+    decoder block any hookpoint lives in: no later layers and no LM head are computed."""
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+    for h in hookpoints:
+        module = model.get_submodule(h.module_path)
+        if h.site == "input":
+            def pre(mod, args, kwargs, name=h.name):
+                t = _input_tensor(args, kwargs)
+                acts[name] = t.detach() if detach else t
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(mod, args, output, name=h.name):
+                t = _output_tensor(output)
+                acts[name] = t.detach() if detach else t
+            handles.append(module.register_forward_hook(post))
+    stop = _stop_module(model, hookpoints) if stop_early else None
+    if stop is not None:
+        def halt(mod, args, output):
+            raise StopForward()
+        handles.append(model.get_submodule(stop).register_forward_hook(halt))
+    try:
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def intervene(
+    model: torch.nn.Module, hookpoint: Hookpoint, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the activation at `hookpoint` by fn(activation) during every forward in the block.
+
+    fn gets and returns a (B, T, d) tensor; use it to splice a reconstruction in or to steer."""
+    module = model.get_submodule(hookpoint.module_path)
+    if hookpoint.site == "input":
+        def pre(mod, args, kwargs):
+            return _replace_input(args, kwargs, fn(_input_tensor(args, kwargs)))
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        def post(mod, args, output):
+            return _replace_output(output, fn(_output_tensor(output)))
+        handle = module.register_forward_hook(post)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_forward(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs):
+    """model(input_ids), returning None instead of raising when a hook stopped it early."""
+    try:
+        return model(input_ids=input_ids, use_cache=False, **kwargs)
+    except StopForward:
+        return None

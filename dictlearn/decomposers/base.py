@@ -1,0 +1,169 @@
+"""The one protocol every decomposer follows, and its native on-disk format.
+
+Decomposers are pure JAX math: arrays in, arrays out. They never see a model, a cache, a loop or a
+score, so the trainers and the evaluation suite can treat an SAE, a transcoder and semi-NMF alike.
+
+Batches are dicts of float32 arrays:
+  "x"    (B, d_in)   what the decomposer reads (the activation at `hookpoint_in`)
+  "y"    (B, d_out)  what it must reconstruct (the activation at `hookpoint_out`; equal to x for SAEs)
+  "grad" (B, d_out)  optional: d(next-token loss)/d(activation) at the hookpoint (gradient TopK only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+
+
+@dataclasses.dataclass
+class DecomposerConfig:
+    """Fields shared by every decomposer; subclasses add their own hyper-parameters."""
+
+    d_in: int
+    n_features: int
+    d_out: int | None = None  # None: same as d_in (an SAE)
+    hookpoint_in: str = ""
+    hookpoint_out: str = ""  # "" : same as hookpoint_in
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if not self.hookpoint_out:
+            self.hookpoint_out = self.hookpoint_in
+        if self.d_in <= 0 or self.n_features <= 0 or self.d_out <= 0:
+            raise ValueError(f"d_in, d_out and n_features must be positive, got {self.d_in}, {self.d_out}, {self.n_features}")
+
+
+class Decomposer(nnx.Module):
+    """Base class: subclasses set `kind` and `config_cls` and implement the four methods below."""
+
+    kind: ClassVar[str] = ""
+    config_cls: ClassVar[type[DecomposerConfig]] = DecomposerConfig
+
+    config: DecomposerConfig
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """(B, d_in) -> (B, n_features) non-negative codes (dense layout, mostly zeros)."""
+        raise NotImplementedError
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """(B, n_features) -> (B, d_out) reconstruction."""
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decode(self.encode(x))
+
+    def loss(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Training objective on one batch: (scalar, metrics). Metrics hold at least
+        'mse' (mean over rows of the squared error summed over dims), 'fvu' and 'l0', and
+        'fired' (n_features,) bool: which latents fired in this batch (for dead-latent tracking)."""
+        raise NotImplementedError
+
+    def features(self) -> jax.Array:
+        """(n_features, d_out) feature directions in the space the decomposer writes to."""
+        raise NotImplementedError
+
+    def fold_input_scale(self, scale_in: float, scale_out: float) -> None:
+        """Make a decomposer trained on (scale_in * x -> scale_out * y) work on raw x and y, in place.
+
+        Trainers scale inputs to unit mean squared norm; this folds that scale back into the weights
+        so that a saved dictionary reads and writes raw activations."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Decomposer]] = {}
+
+
+def register(cls: type[Decomposer]) -> type[Decomposer]:
+    """Class decorator: make a decomposer loadable by its `kind`."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} must set a non-empty `kind`")
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def config_to_json(kind: str, config: DecomposerConfig) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "kind": kind, "config": dataclasses.asdict(config)}
+
+
+def config_from_json(data: dict[str, Any]) -> tuple[type[Decomposer], DecomposerConfig]:
+    from dictlearn.config import from_dict
+
+    kind = data.get("kind")
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown decomposer kind {kind!r}; known kinds: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[kind]
+    return cls, from_dict(cls.config_cls, data["config"], where=f"{kind} config")
+
+
+def build(kind: str, config: DecomposerConfig | dict[str, Any]) -> Decomposer:
+    """Instantiate a decomposer of `kind` (randomly initialised from config.seed)."""
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown decomposer kind {kind!r}; known kinds: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[kind]
+    if isinstance(config, dict):
+        from dictlearn.config import from_dict
+
+        config = from_dict(cls.config_cls, config, where=f"{kind} config")
+    return cls(config, rngs=nnx.Rngs(config.seed))
+
+
+def state_arrays(module: Decomposer) -> dict[str, np.ndarray]:
+    """Every nnx variable of the module (params and buffers) as flat float32/int numpy arrays."""
+    flat = nnx.to_flat_state(nnx.state(module))
+    return {".".join(str(k) for k in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value) for path, v in flat}
+
+
+def save(module: Decomposer, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the native format: config.json + params.safetensors (atomically, file by file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = config_to_json(module.kind, module.config)
+    if extra:
+        meta["extra"] = extra
+    tmp = folder / (PARAMS_FILE + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state_arrays(module).items()}, str(tmp))
+    tmp.replace(folder / PARAMS_FILE)
+    tmpc = folder / (CONFIG_FILE + ".tmp")
+    tmpc.write_text(json.dumps(meta, indent=2))
+    tmpc.replace(folder / CONFIG_FILE)
+    return folder
+
+
+def load(folder: str | Path) -> Decomposer:
+    """Load a decomposer saved by `save`, validating names and shapes against its config."""
+    folder = Path(folder)
+    cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
+    if not cfg_path.is_file() or not params_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a dictlearn decomposer folder: it needs {CONFIG_FILE} and {PARAMS_FILE}"
+        )
+    cls, config = config_from_json(json.loads(cfg_path.read_text()))
+    module = cls(config, rngs=nnx.Rngs(config.seed))
+    arrays = load_file(str(params_path))
+    expected = state_arrays(module)
+    missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{params_path}: parameter names do not match a {cls.kind} decomposer "
+                         f"(missing {missing}, unexpected {unexpected})")
+    for k, v in expected.items():
+        if arrays[k].shape != v.shape:
+            raise ValueError(f"{params_path}: {k} has shape {arrays[k].shape}, the config implies {v.shape}")
+    flat = nnx.to_flat_state(nnx.state(module))
+    for path, var in flat:
+        key = ".".join(str(p) for p in path)
+        var.set_value(jnp.asarray(arrays[key], dtype=var.get_value().dtype))
+    return module
