@@ -52,6 +52,7 @@ class Decomposer(nnx.Module):
 
     kind: ClassVar[str] = ""
     config_cls: ClassVar[type[DecomposerConfig]] = DecomposerConfig
+    needs_grad: ClassVar[bool] = False  # True: batches must carry "grad" (gradient TopK)
 
     config: DecomposerConfig
 
@@ -75,6 +76,17 @@ class Decomposer(nnx.Module):
     def features(self) -> jax.Array:
         """(n_features, d_out) feature directions in the space the decomposer writes to."""
         raise NotImplementedError
+
+    # Training hooks with no-op defaults; the SGD trainer calls them in this order each step.
+    def init_from_data(self, x: jax.Array, y: jax.Array) -> None:
+        """Data-dependent initialisation (e.g. decoder bias at the geometric median of a sample)."""
+
+    def project_grads(self, grads: nnx.State) -> nnx.State:
+        """Adjust gradients before the optimiser step (e.g. remove the part parallel to decoder rows)."""
+        return grads
+
+    def after_step(self, metrics: dict[str, jax.Array]) -> None:
+        """After the optimiser step (e.g. renormalise decoder rows, update dead-latent counters)."""
 
     def fold_input_scale(self, scale_in: float, scale_out: float) -> None:
         """Make a decomposer trained on (scale_in * x -> scale_out * y) work on raw x and y, in place.
