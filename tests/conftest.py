@@ -44,3 +44,33 @@ def tiny_gpt2():
     model = GPT2LMHeadModel(cfg).eval()
     model.requires_grad_(False)
     return model
+
+
+# --- activation caches (owned by the activations area) ---------------------------------------------------
+SMOL_CACHE_HOOKPOINTS = ["resid_post.10", "mlp_in.10", "mlp_out.10", "mlp_hidden.10"]
+
+
+@pytest.fixture(scope="session")
+def smol_cache(smol, tmp_path_factory):
+    """A real cache from SmolLM2: 16,384 tokens of the corpus (context 128), layer 10's resid_post, mlp_in,
+    mlp_out, mlp_hidden in bfloat16; 8 shards of 16 sequences, 2 of them held out (split "eval")."""
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig, harvest
+
+    corpus = CorpusConfig(path=str(CORPUS), context_length=128)
+    config = HarvestConfig(hookpoints=SMOL_CACHE_HOOKPOINTS, n_tokens=16384, shard_mb=16, eval_fraction=0.25)
+    return harvest(smol, corpus, config, tmp_path_factory.mktemp("smol_cache") / "cache", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_grad_cache(smol, tmp_path_factory):
+    """A small real cache with gradients: 2,048 tokens, resid_post.10 and resid_post.10@grad
+    (d of the summed next-token loss); 4 shards of 4 sequences, 1 held out. Gradients need the full
+    forward and a backward pass, about 10x the cost of a truncated harvest, hence the small size."""
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig, harvest
+
+    corpus = CorpusConfig(path=str(CORPUS), context_length=128)
+    config = HarvestConfig(hookpoints=["resid_post.10"], gradients=["resid_post.10"], n_tokens=2048,
+                           batch_size=4, shard_mb=0.6, eval_fraction=0.25)
+    return harvest(smol, corpus, config, tmp_path_factory.mktemp("smol_grad_cache") / "cache", progress=False)

@@ -147,7 +147,7 @@ def save(module: Decomposer, folder: str | Path, extra: dict[str, Any] | None = 
     if extra:
         meta["extra"] = extra
     tmp = folder / (PARAMS_FILE + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in state_arrays(module).items()}, str(tmp))
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_arrays(module).items()}, str(tmp))  # keep 0-d
     tmp.replace(folder / PARAMS_FILE)
     tmpc = folder / (CONFIG_FILE + ".tmp")
     tmpc.write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,294 @@
+"""Run a model over a packed corpus and store the activations at named hookpoints in a cache.
+
+The forward stops after the last hooked decoder block (no later layers, no LM head) unless gradients are
+asked for. With `gradients = ["resid_post.10"]` each batch also runs the rest of the model, sums the
+next-token cross-entropy over every position, and stores d(loss)/d(activation) under
+`resid_post.10@grad`; the hooked activation is made a leaf that requires grad, so the backward pass stops
+there. (The last position of a sequence predicts nothing, so its gradient is zero.)
+
+Shard k holds sequences [k*S, (k+1)*S) with S fixed by the config; its rows are shuffled with a
+generator seeded by (seed, k) before the write. Because sequence i is always the same tokens
+(`corpus.packed_sequences`) and shard k always the same sequences, a killed harvest resumes after its
+last listed shard and ends with exactly the rows an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dictlearn.activations import hookpoints as hp_mod
+from dictlearn.activations.cache import STORAGE_DTYPES, ActivationCache, CacheError, CacheWriter, FORMAT, FORMAT_VERSION
+from dictlearn.activations.corpus import CorpusConfig, fingerprint as corpus_fingerprint, packed_sequences, special_token_ids
+from dictlearn.activations.models import LoadedModel
+
+_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GRAD_SUFFIX = "@grad"
+
+
+class HarvestError(RuntimeError):
+    """A harvest that cannot run as configured (no room on disk, corpus too short, ...)."""
+
+
+@dataclass
+class HarvestConfig:
+    """The `[harvest]` table of a run config."""
+
+    hookpoints: list[str]  # aliases (resid_post.10, mlp_hidden.10, ...) or module paths
+    n_tokens: int = 100_000  # corpus tokens to run through the model (rounded up to whole sequences)
+    gradients: list[str] = field(default_factory=list)  # hookpoints whose loss gradient is stored as `<name>@grad`
+    dtype: str = "bfloat16"  # storage dtype: float16, bfloat16 or float32
+    batch_size: int = 8  # sequences per forward pass
+    shard_mb: float = 64.0  # target shard size; rows are shuffled within a shard before it is written
+    eval_fraction: float = 0.05  # share of shards held out for evaluation (at least one when > 0)
+    exclude_special_tokens: bool = True  # leave BOS / EOS / padding positions out of the cache
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.hookpoints:
+            raise ValueError("hookpoints is empty: name at least one, e.g. hookpoints = [\"resid_post.10\"]")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not a storage dtype; use one of {', '.join(STORAGE_DTYPES)}")
+        if self.n_tokens <= 0 or self.batch_size <= 0 or self.shard_mb <= 0:
+            raise ValueError("n_tokens, batch_size and shard_mb must be positive")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        missing = [g for g in self.gradients if g not in self.hookpoints]
+        if missing:
+            raise ValueError(f"gradients {missing} must also be listed in hookpoints")
+
+
+@dataclass
+class Plan:
+    """What a harvest will write, fixed before any work."""
+
+    hookpoints: list  # resolved Hookpoints
+    widths: dict[str, int]  # stored key -> width (activations and gradients)
+    n_sequences: int
+    sequences_per_shard: int
+    n_shards: int
+    eval_shards: list[int]
+    row_bytes: int
+    context_length: int
+
+    @property
+    def estimated_bytes(self) -> int:
+        return self.n_sequences * self.context_length * self.row_bytes
+
+
+def eval_shard_ids(n_shards: int, fraction: float) -> list[int]:
+    """Evenly spread held-out shard indices (at least one when fraction > 0 and there are 2+ shards)."""
+    if fraction <= 0 or n_shards < 2:
+        return []
+    n_eval = min(n_shards - 1, max(1, round(fraction * n_shards)))
+    return sorted({int((i + 0.5) * n_shards / n_eval) for i in range(n_eval)})
+
+
+def plan(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig) -> Plan:
+    """Resolve hookpoints (failing before any work on a bad one) and fix the shard layout."""
+    hps = hp_mod.resolve(loaded.model, config.hookpoints)
+    widths = {h.name: h.width for h in hps}
+    by_name = {h.name: h for h in hps}
+    for g in config.gradients:
+        widths[g + GRAD_SUFFIX] = by_name[g].width
+    itemsize = np.dtype(np.float32).itemsize if config.dtype == "float32" else 2
+    row_bytes = sum(widths.values()) * itemsize + 12  # + token_id, seq, pos
+    ctx = corpus.context_length
+    n_seq = math.ceil(config.n_tokens / ctx)
+    per_shard = max(1, int(config.shard_mb * 1e6 / (row_bytes * ctx)) // config.batch_size) * config.batch_size
+    per_shard = min(per_shard, math.ceil(n_seq / config.batch_size) * config.batch_size)
+    n_shards = math.ceil(n_seq / per_shard)
+    return Plan(hps, widths, n_seq, per_shard, n_shards, eval_shard_ids(n_shards, config.eval_fraction), row_bytes, ctx)
+
+
+def identity(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig) -> dict:
+    """Everything that decides what a cache holds; a resumed harvest must match it exactly."""
+    return {
+        "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")},
+        "corpus": {"fingerprint": corpus_fingerprint(corpus), **dataclasses.asdict(corpus)},
+        "harvest": dataclasses.asdict(config),
+    }
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if needed * 1.02 + (64 << 20) > free:
+        raise HarvestError(
+            f"the cache needs about {needed / 1e9:.2f} GB but {probe} has only {free / 1e9:.2f} GB free; "
+            "lower harvest.n_tokens, store harvest.dtype = \"bfloat16\", or choose another out_dir"
+        )
+
+
+@contextlib.contextmanager
+def _gradient_leaves(model: torch.nn.Module, hps: list) -> dict:
+    """Make the first gradient hookpoint reached a leaf requiring grad (backward stops there); later ones
+    keep their .grad. Yields name -> tensor whose .grad is filled by backward."""
+    leaves: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def fn(act):
+            if act.requires_grad:
+                act.retain_grad()
+                t = act
+            else:
+                t = act.detach().requires_grad_(True)
+            leaves[name] = t
+            return t
+        return fn
+
+    with contextlib.ExitStack() as stack:
+        for h in hps:
+            stack.enter_context(hp_mod.intervene(model, h, make(h.name)))
+        yield leaves
+
+
+def _forward(model, ids: torch.Tensor, hps: list, grad_hps: list) -> dict[str, torch.Tensor]:
+    """Activations (and `<name>@grad` gradients) at the hookpoints for a batch of token ids."""
+    if not grad_hps:
+        with torch.no_grad(), hp_mod.capture(model, hps, stop_early=True) as acts:
+            hp_mod.run_forward(model, ids)
+        return dict(acts)
+    with torch.enable_grad(), hp_mod.capture(model, hps) as acts, _gradient_leaves(model, grad_hps) as leaves:
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        loss.backward()
+        out = dict(acts)
+        for name, t in leaves.items():
+            out[name + GRAD_SUFFIX] = t.grad.detach()
+    return out
+
+
+def _numpy_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.to(_TORCH_STORAGE[dtype]).contiguous()
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def harvest(
+    loaded: LoadedModel,
+    corpus: CorpusConfig,
+    config: HarvestConfig,
+    out: str | Path,
+    progress: bool = True,
+) -> ActivationCache:
+    """Harvest (or finish harvesting) the cache at `out`; returns it opened. Refuses an existing cache
+    made with a different model, corpus or harvest config."""
+    out = Path(out)
+    model = loaded.model
+    p = plan(loaded, corpus, config)  # bad hookpoints fail here, before any work
+    grad_hps = [h for h in p.hookpoints if h.name in config.gradients]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "identity": identity(loaded, corpus, config),
+        "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "n_layers": hp_mod.n_layers(model)},
+        "corpus": {"fingerprint": corpus_fingerprint(corpus), "config": dataclasses.asdict(corpus)},
+        "context_length": corpus.context_length,
+        "hookpoints": {
+            k: {"width": w, "dtype": config.dtype, "kind": "gradient" if k.endswith(GRAD_SUFFIX) else "activation"}
+            for k, w in p.widths.items()
+        },
+        "excluded_token_ids": special_token_ids(loaded.tokenizer).tolist() if config.exclude_special_tokens else [],
+        "sequences_per_shard": p.sequences_per_shard,
+        "n_shards_planned": p.n_shards,
+        "eval_shards": p.eval_shards,
+        "n_tokens": 0,
+        "n_rows": 0,
+    }
+    if not (out / "manifest.json").is_file():
+        _check_disk(out, p.estimated_bytes)
+    writer = CacheWriter.create_or_resume(out, manifest)
+    if writer.manifest.get("complete"):
+        return ActivationCache(out, writer.manifest)
+    start_shard = writer.n_done
+    if progress:
+        done = start_shard * p.sequences_per_shard * p.context_length
+        print(
+            f"harvest: {len(p.widths)} arrays x {p.n_sequences * p.context_length:,} tokens -> {out} "
+            f"(about {p.estimated_bytes / 1e9:.2f} GB in {p.n_shards} shards"
+            + (f"; resuming after shard {start_shard - 1}" if start_shard else "") + ")",
+            file=sys.stderr,
+        )
+    excluded = torch.from_numpy(np.asarray(manifest["excluded_token_ids"], dtype=np.int64))
+    seqs = packed_sequences(corpus, loaded.tokenizer, start=start_shard * p.sequences_per_shard)
+    device = next(model.parameters()).device
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=p.n_sequences * p.context_length, initial=start_shard * p.sequences_per_shard * p.context_length,
+               unit="tok", unit_scale=True, disable=not progress, desc="harvest", dynamic_ncols=True)
+    writing: threading.Thread | None = None
+    failure: list[BaseException] = []
+
+    def write(arrays, info):
+        try:
+            writer.add_shard(arrays, info)
+        except BaseException as e:  # surfaced in the main thread
+            failure.append(e)
+
+    try:
+        for k in range(start_shard, p.n_shards):
+            seq_start = k * p.sequences_per_shard
+            seq_stop = min(seq_start + p.sequences_per_shard, p.n_sequences)
+            tokens = []
+            for _ in range(seq_stop - seq_start):
+                s = next(seqs, None)
+                if s is None:
+                    break
+                tokens.append(s)
+            if len(tokens) < seq_stop - seq_start:
+                raise HarvestError(
+                    f"the corpus ran out after {seq_start + len(tokens)} sequences of {p.context_length} tokens "
+                    f"({(seq_start + len(tokens)) * p.context_length:,} tokens); lower harvest.n_tokens to at most that"
+                )
+            shard_tokens = torch.from_numpy(np.stack(tokens).astype(np.int64))
+            parts: dict[str, list[np.ndarray]] = {key: [] for key in p.widths}
+            meta: dict[str, list[np.ndarray]] = {"token_id": [], "seq": [], "pos": []}
+            for b0 in range(0, len(tokens), config.batch_size):
+                ids = shard_tokens[b0 : b0 + config.batch_size].to(device)
+                acts = _forward(model, ids, p.hookpoints, grad_hps)
+                flat_ids = ids.reshape(-1).cpu()
+                keep = ~torch.isin(flat_ids, excluded) if len(excluded) else torch.ones_like(flat_ids, dtype=torch.bool)
+                for key in p.widths:
+                    a = acts[key].reshape(-1, p.widths[key])[keep.to(acts[key].device)]
+                    parts[key].append(_numpy_storage(a.cpu(), config.dtype))
+                n_b, ctx = ids.shape
+                meta["token_id"].append(flat_ids[keep].numpy().astype(np.int32))
+                seq = np.repeat(np.arange(seq_start + b0, seq_start + b0 + n_b, dtype=np.int32), ctx)
+                meta["seq"].append(seq[keep.numpy()])
+                meta["pos"].append(np.tile(np.arange(ctx, dtype=np.int32), n_b)[keep.numpy()])
+                bar.update(ids.numel())
+            perm = np.random.default_rng([config.seed, k]).permutation(sum(len(x) for x in meta["seq"]))
+            arrays = {key: np.concatenate(v)[perm] for key, v in {**parts, **meta}.items()}
+            arrays["sequence_tokens"] = shard_tokens.numpy().astype(np.int32)
+            info = {"rows": int(len(perm)), "tokens": int(shard_tokens.numel()), "seq_start": seq_start, "seq_stop": seq_stop,
+                    "split": "eval" if k in p.eval_shards else "train"}
+            if writing is not None:
+                writing.join()
+            if failure:
+                raise failure[0]
+            # the write (serialise, checksum, fsync) overlaps the next shard's forward passes
+            writing = threading.Thread(target=write, args=(arrays, info), name=f"write-shard-{k}")
+            writing.start()
+        if writing is not None:
+            writing.join()
+        if failure:
+            raise failure[0]
+    finally:
+        bar.close()
+    return writer.finish()

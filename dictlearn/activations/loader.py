@@ -1,0 +1,155 @@
+"""Stream shuffled batches of rows from an activation cache, with a background prefetch thread.
+
+Mixing guarantee. Rows reach a batch after two seeded shuffles:
+1. at harvest time every shard's rows (all tokens of its `sequences_per_shard` sequences, typically
+   hundreds of sequences) are permuted uniformly before the write;
+2. each epoch the loader permutes the shard order, groups consecutive shards into windows of
+   `mix_shards`, and permutes the union of each window's rows uniformly.
+So a batch is a uniform sample without replacement from one window (or the seam of two): it draws from
+`mix_shards * sequences_per_shard` sequences, two rows of a batch come from the same sequence no more
+often than under uniform sampling from that pool, and the composition changes every epoch.
+
+Determinism: batch b is a function of (cache, split, keys, batch_size, seed, mix_shards, b) only, so
+`iterate(start_batch=b)` resumes a training run exactly. An epoch is `rows(split) // batch_size` batches;
+the remainder (different rows each epoch) is skipped. Memory stays bounded by one window in the stored
+dtype plus `prefetch` batches, whatever the cache size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from dictlearn.activations.cache import ActivationCache, CacheError, to_float32
+
+
+class BatchLoader:
+    """Batches of `batch_size` rows: dict key -> array ((B, width) float32 for activations and gradients;
+    (B,) int32 for `token_id`, `seq`, `pos`)."""
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        keys: list[str],
+        batch_size: int,
+        split: str = "train",
+        seed: int = 0,
+        mix_shards: int = 4,
+        prefetch: int = 4,
+        as_jax: bool = False,
+    ):
+        if isinstance(keys, str):
+            keys = [keys]
+        valid = cache.keys()
+        bad = [k for k in keys if k not in valid]
+        if bad:
+            raise CacheError(f"the cache at {cache.path} has no {', '.join(map(repr, bad))}; it holds: {', '.join(valid)}")
+        self.cache, self.keys, self.batch_size, self.split = cache, list(keys), int(batch_size), split
+        self.seed, self.mix_shards, self.prefetch, self.as_jax = seed, max(1, int(mix_shards)), max(1, int(prefetch)), as_jax
+        self.shard_ids = cache.shard_ids(split)
+        self._shard_rows = {i: cache.shards[i]["rows"] for i in self.shard_ids}
+        n = self.rows()
+        if n < self.batch_size:
+            raise CacheError(f"split {split!r} of {cache.path} has {n} rows, fewer than one batch of {self.batch_size}")
+        self.batches_per_epoch = n // self.batch_size
+
+    def rows(self, split: str | None = None) -> int:
+        return self.cache.rows(split or self.split)
+
+    # --- the deterministic plan ---------------------------------------------------------------------
+    def _windows(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.shard_ids)
+        return [order[i : i + self.mix_shards].tolist() for i in range(0, len(order), self.mix_shards)]
+
+    def _load_window(self, epoch: int, w: int, shards: list[int]) -> dict[str, np.ndarray]:
+        """The window's rows for every key, in stored dtype, permuted."""
+        parts = [self.cache.shard_arrays(i, self.keys) for i in shards]
+        rows = sum(self._shard_rows[i] for i in shards)
+        perm = np.random.default_rng([self.seed, epoch, w, 1]).permutation(rows)
+        return {k: np.concatenate([p[k] for p in parts])[perm] for k in self.keys}
+
+    def _row_stream(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive row blocks of one epoch, starting `skip` rows in."""
+        for w, shards in enumerate(self._windows(epoch)):
+            n = sum(self._shard_rows[i] for i in shards)
+            if skip >= n:
+                skip -= n
+                continue
+            data = self._load_window(epoch, w, shards)
+            yield {k: v[skip:] for k, v in data.items()}
+            skip = 0
+
+    def _batches(self, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
+        epoch, j = divmod(start_batch, self.batches_per_epoch)
+        while True:
+            stream = self._row_stream(epoch, j * self.batch_size)
+            pending: list[dict[str, np.ndarray]] = []
+            have = 0
+            for _ in range(j, self.batches_per_epoch):
+                while have < self.batch_size:
+                    block = next(stream)
+                    pending.append(block)
+                    have += len(block[self.keys[0]])
+                joined = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k] for k in self.keys}
+                batch = {k: v[: self.batch_size] for k, v in joined.items()}
+                rest = {k: v[self.batch_size :] for k, v in joined.items()}
+                have -= self.batch_size
+                pending = [rest] if have else []
+                yield {k: to_float32(v) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else np.array(v) for k, v in batch.items()}
+            stream.close()
+            epoch, j = epoch + 1, 0
+
+    # --- public ----------------------------------------------------------------------------------------
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Batch number `index` alone (loads its window; for checks and tests)."""
+        gen = self._batches(index)
+        try:
+            return next(gen)
+        finally:
+            gen.close()
+
+    def iterate(self, start_batch: int = 0) -> Iterator[dict]:
+        """Endless batches from `start_batch` on (epochs reshuffled), prefetched on a background thread."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for b in self._batches(start_batch):
+                    if self.as_jax:
+                        import jax
+
+                        b = {k: jax.device_put(v) for k, v in b.items()}
+                    if not put(b):
+                        return
+            except BaseException as e:  # handed to the consumer
+                put(e)
+                return
+            put(done)
+
+        thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)

@@ -1,0 +1,123 @@
+"""BatchTopK sparse autoencoder (Bussmann et al. 2024).
+
+In training the batch keeps its k * B largest activations overall, so busy tokens may use more
+latents than quiet ones while the batch averages k. Inference cannot depend on the batch, so a
+global threshold is estimated during training (an exponential moving average of each batch's
+selection threshold) and applied per token: z = pre * (pre > threshold).
+
+Speed, exactly: each row's top `row_slots` candidates (default 4k) are taken with top-k and the
+batch threshold is found among them. If no row has all its candidates above the threshold, the
+candidates hold every selected latent and the step runs on the sparse path (gathered decode,
+sparse encoder backward). Otherwise (a row wants more than row_slots latents) that batch falls back
+to the exact dense computation. The metric "dense_fallback" says which path ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from dictlearn.decomposers.base import DecomposerConfig, register
+from dictlearn.decomposers.sae import Buffer, Codes, SparseCoder, SparseCoderConfig, Sparsity, check, code_stats, select_codes
+from dictlearn.decomposers.sparse_ops import SparseCodes, top_k
+from dictlearn.decomposers.topk import TopKFields, TopKSparsity
+
+
+@dataclasses.dataclass
+class BatchTopKFields:
+    threshold_momentum: float = 0.99  # EMA momentum of the inference threshold
+    row_slots: int | None = None  # per-row candidates for the sparse path (None: 4 * k)
+
+    def validate_batchtopk(self) -> None:
+        check(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+        check(self.row_slots is None or self.row_slots >= self.k,
+              f"row_slots must be >= k ({self.k}) (or unset for 4 * k), got {self.row_slots}")
+
+
+@dataclasses.dataclass
+class BatchTopKConfig(BatchTopKFields, TopKFields, SparseCoderConfig):
+    def validate(self) -> None:
+        super().validate()
+        self.validate_topk()
+        self.validate_batchtopk()
+
+
+def kth_largest_nonneg(z: jax.Array, kth: int) -> jax.Array:
+    """Exact kth largest entry of a non-negative float32 array, by bisection on its bit pattern.
+
+    Non-negative floats order like their int32 bit patterns, so 32 counting passes pin the value."""
+    as_float = lambda b: jax.lax.bitcast_convert_type(b, jnp.float32)  # noqa: E731
+    hi0 = jax.lax.bitcast_convert_type(jnp.max(z).astype(jnp.float32), jnp.int32)
+
+    def body(_, lohi):
+        lo, hi = lohi  # invariant: count(z >= as_float(lo)) >= kth
+        mid = lo + (hi - lo + 1) // 2
+        ok = jnp.sum(z >= as_float(mid)) >= kth
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.zeros((), jnp.int32), hi0))
+    return as_float(lo)
+
+
+class BatchTopKSparsity(TopKSparsity):
+    name: ClassVar[str] = "batchtopk"
+
+    def __init__(self, config: DecomposerConfig):
+        super().__init__(config)
+        self.threshold_momentum = config.threshold_momentum
+        self.row_slots = min(config.row_slots or 4 * config.k, config.n_features)
+        self.threshold = Buffer(jnp.zeros((), jnp.float32))  # inference threshold (0 until estimated)
+        self.threshold_updates = Buffer(jnp.zeros((), jnp.int32))
+
+    def train_forward(self, coder, x, x_in, pre, batch):
+        n, batch_size = coder.config.n_features, pre.shape[0]
+        kth = min(self.k * batch_size, batch_size * n)
+        z_sg = jax.nn.relu(jax.lax.stop_gradient(pre))
+        cand_v, cand_i = top_k(z_sg, self.row_slots)
+        t_cand = kth_largest_nonneg(cand_v, kth)
+        last = cand_v[:, -1]
+        saturated = jnp.any((last >= t_cand) & (last > 0)) if self.row_slots < n else jnp.array(False)
+
+        def sparse_path(x, x_in, pre):
+            codes = select_codes(coder, x_in, pre, cand_i)
+            codes = SparseCodes(codes.values * (cand_v >= t_cand).astype(pre.dtype), cand_i)
+            stats = code_stats(codes, n)
+            return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t_cand
+
+        def dense_path(x, x_in, pre):
+            z = jax.nn.relu(pre)
+            t = kth_largest_nonneg(jax.nn.relu(jax.lax.stop_gradient(pre)), kth)
+            codes = z * (jax.lax.stop_gradient(z) >= t).astype(z.dtype)
+            stats = code_stats(codes, n)
+            return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t
+
+        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, x_in, pre)
+        stats = {"l0": l0, "fired": fired, "batch_threshold": t, "dense_fallback": saturated.astype(jnp.float32)}
+        return y_hat, None, stats
+
+    def infer_codes(self, coder, x_in, pre, grad) -> Codes:
+        return pre * (pre > self.threshold[...]).astype(pre.dtype)
+
+    def after_step(self, metrics) -> None:
+        super().after_step(metrics)
+        t, m = metrics["batch_threshold"], self.threshold_momentum
+        first = self.threshold_updates[...] == 0
+        self.threshold[...] = jnp.where(first, t, m * self.threshold[...] + (1 - m) * t)
+        self.threshold_updates[...] = self.threshold_updates[...] + 1
+
+    def fold(self, code_scale: float) -> None:
+        self.threshold[...] = self.threshold[...] * code_scale
+
+
+@register
+class BatchTopKSAE(SparseCoder):
+    """Sparse autoencoder with batch-level TopK in training and a learned global threshold at inference."""
+
+    kind: ClassVar[str] = "batchtopk"
+    config_cls: ClassVar[type[DecomposerConfig]] = BatchTopKConfig
+
+    def make_sparsity(self, config) -> Sparsity:
+        return BatchTopKSparsity(config)

@@ -1,0 +1,242 @@
+"""The encoder/decoder core shared by every sparse autoencoder and transcoder.
+
+A `SparseCoder` owns the weights and the reconstruction; a `Sparsity` module (TopK, BatchTopK,
+JumpReLU, ReLU+L1, gradient TopK) decides which latents fire and adds its own penalty. An SAE is a
+SparseCoder whose input bias is its decoder bias; a transcoder has a separate input bias and,
+optionally, a linear skip path.
+
+Shapes (row-major by latent, so sparse kernels move whole rows):
+  W_enc (n_features, d_in)    pre = (x - b_in) @ W_enc.T + b_enc
+  W_dec (n_features, d_out)   y_hat = codes @ W_dec + b_dec [+ x @ W_skip]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dictlearn.decomposers.base import Decomposer, DecomposerConfig
+from dictlearn.decomposers.sparse_ops import SparseCodes, densify, fired_mask, gather_decode, gather_encode
+
+Codes = SparseCodes | jax.Array  # fixed-slot sparse codes, or dense (B, n_features)
+
+
+class Buffer(nnx.Variable):
+    """Training state saved with the module but never optimised (counters, running thresholds)."""
+
+
+@dataclasses.dataclass
+class SparseCoderConfig(DecomposerConfig):
+    """Fields every SAE and transcoder shares."""
+
+    normalize_decoder: bool = True  # keep decoder rows at unit norm (gradient projection + renormalisation)
+    median_iters: int = 16  # Weiszfeld iterations for the decoder-bias initialisation (0: the mean)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.median_iters < 0:
+            raise ValueError(f"median_iters must be >= 0, got {self.median_iters}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the kind-specific fields; subclasses extend it."""
+
+
+def check(cond: bool, message: str) -> None:
+    """Config validation: raise ValueError(message) unless cond."""
+    if not cond:
+        raise ValueError(message)
+
+
+def geometric_median(points: jax.Array, iters: int, eps: float = 1e-8) -> jax.Array:
+    """Weiszfeld's iteration from the mean: a robust centre for the decoder bias."""
+    points = points.astype(jnp.float32)
+
+    def step(_, z):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(points - z, axis=1), eps)
+        return (w[:, None] * points).sum(0) / w.sum()
+
+    return jax.lax.fori_loop(0, iters, step, points.mean(0))
+
+
+def unit_rows(key: jax.Array, n: int, d: int) -> jax.Array:
+    w = jax.random.normal(key, (n, d), jnp.float32)
+    return w / jnp.linalg.norm(w, axis=1, keepdims=True)
+
+
+class Sparsity(nnx.Module):
+    """How pre-activations become codes. One subclass per mechanism; it may hold its own state."""
+
+    name: ClassVar[str] = ""
+
+    def train_codes(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, batch: dict[str, jax.Array]) -> Codes:
+        """Codes used by the training loss (may depend on the whole batch)."""
+        raise NotImplementedError
+
+    def infer_codes(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, grad: jax.Array | None) -> Codes:
+        """Codes for one token at a time, independent of the rest of the batch."""
+        raise NotImplementedError
+
+    def train_forward(self, coder: SparseCoder, x: jax.Array, x_in: jax.Array, pre: jax.Array,
+                      batch: dict[str, jax.Array]) -> tuple[jax.Array, Codes | None, dict[str, jax.Array]]:
+        """Training reconstruction: (y_hat, codes or None, {"l0", "fired", ...})."""
+        codes = self.train_codes(coder, x_in, pre, batch)
+        return coder.reconstruct(codes, x), codes, code_stats(codes, coder.config.n_features)
+
+    def penalty(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, codes: Codes | None,
+                err: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Extra loss terms (L1, L0, AuxK) and their metrics; err = y_hat - y."""
+        return jnp.zeros((), jnp.float32), {}
+
+    def after_step(self, metrics: dict[str, jax.Array]) -> None:
+        """Update the mechanism's own state after an optimiser step."""
+
+    def fold(self, code_scale: float) -> None:
+        """Codes are about to be multiplied by code_scale: rescale thresholds to match."""
+
+
+def code_stats(codes: Codes, n_features: int) -> dict[str, jax.Array]:
+    """Mean active latents per token, and which latents fired in the batch."""
+    if isinstance(codes, SparseCodes):
+        return {"l0": jnp.mean(jnp.sum(codes.values != 0, axis=-1).astype(jnp.float32)),
+                "fired": fired_mask(codes, n_features)}
+    return {"l0": jnp.mean(jnp.sum(codes != 0, axis=-1).astype(jnp.float32)), "fired": jnp.any(codes != 0, axis=0)}
+
+
+def select_codes(coder: SparseCoder, x_in: jax.Array, pre: jax.Array, indices: jax.Array) -> SparseCodes:
+    """relu(pre) at the chosen latents, with the sparse-backward encoder VJP."""
+    vals = gather_encode(x_in, coder.W_enc[...], coder.b_enc[...], jax.lax.stop_gradient(pre), indices)
+    return SparseCodes(jax.nn.relu(vals), indices)
+
+
+class SparseCoder(Decomposer):
+    """Weights, reconstruction, training hooks and scale folding shared by SAEs and transcoders."""
+
+    config_cls: ClassVar[type[DecomposerConfig]] = SparseCoderConfig
+    transcoder: ClassVar[bool] = False  # separate input bias b_in (else the input is centred by b_dec)
+    skip: ClassVar[bool] = False  # linear skip path W_skip (d_in, d_out), initialised at zero
+
+    def __init__(self, config: SparseCoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        n, d_in, d_out = config.n_features, config.d_in, config.d_out
+        w_dec = unit_rows(rngs.params(), n, d_out)
+        self.W_dec = nnx.Param(w_dec)
+        # Encoder = decoder transpose where the spaces match (an SAE); independent unit rows otherwise.
+        self.W_enc = nnx.Param(w_dec if (d_in == d_out and not self.transcoder) else unit_rows(rngs.params(), n, d_in))
+        self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32))
+        self.b_dec = nnx.Param(jnp.zeros((d_out,), jnp.float32))
+        if self.transcoder:
+            self.b_in = nnx.Param(jnp.zeros((d_in,), jnp.float32))
+        if self.skip:
+            self.W_skip = nnx.Param(jnp.zeros((d_in, d_out), jnp.float32))
+        self.sparsity = self.make_sparsity(config)
+
+    def make_sparsity(self, config: SparseCoderConfig) -> Sparsity:
+        raise NotImplementedError
+
+    # ---- the pieces -------------------------------------------------------------------------
+    def input_bias(self) -> jax.Array:
+        return self.b_in[...] if self.transcoder else self.b_dec[...]
+
+    def preacts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(centred input, dense pre-activations (B, n))."""
+        x_in = x.astype(jnp.float32) - self.input_bias()
+        return x_in, x_in @ self.W_enc[...].T + self.b_enc[...]
+
+    def reconstruct(self, codes: Codes, x: jax.Array | None) -> jax.Array:
+        """Decoder output for codes; the skip path needs the raw input x."""
+        if isinstance(codes, SparseCodes):
+            y = gather_decode(codes.values, codes.indices, self.W_dec[...])
+        else:
+            y = codes @ self.W_dec[...]
+        y = y + self.b_dec[...]
+        if self.skip and x is not None:
+            y = y + x.astype(jnp.float32) @ self.W_skip[...]
+        return y
+
+    def dense(self, codes: Codes) -> jax.Array:
+        return densify(codes, self.config.n_features) if isinstance(codes, SparseCodes) else codes
+
+    # ---- protocol -----------------------------------------------------------------------------
+    def encode(self, x: jax.Array) -> jax.Array:
+        x_in, pre = self.preacts(x)
+        return self.dense(self.sparsity.infer_codes(self, x_in, pre, None))
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Dense codes -> output. For a skip transcoder this excludes the skip path (it needs x): use __call__."""
+        return self.reconstruct(codes, None)
+
+    def __call__(self, x: jax.Array, grad: jax.Array | None = None) -> jax.Array:
+        """Reconstruction of raw inputs (sparse decode for the TopK family, skip path included)."""
+        x_in, pre = self.preacts(x)
+        return self.reconstruct(self.sparsity.infer_codes(self, x_in, pre, grad), x)
+
+    def loss(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x, y = batch["x"], batch["y"].astype(jnp.float32)
+        x_in, pre = self.preacts(x)
+        y_hat, codes, stats = self.sparsity.train_forward(self, x, x_in, pre, batch)
+        err = y_hat - y
+        mse = jnp.mean(jnp.sum(err**2, axis=-1))
+        total_var = jnp.mean(jnp.sum((y - y.mean(0)) ** 2, axis=-1))
+        penalty, extra = self.sparsity.penalty(self, x_in, pre, codes, err)
+        metrics = {
+            "mse": mse,
+            "fvu": mse / jnp.maximum(total_var, 1e-12),
+            "n_tokens": jnp.asarray(x.shape[0], jnp.float32),
+            **stats,
+            **extra,
+        }
+        return mse + penalty, metrics
+
+    def features(self) -> jax.Array:
+        return self.W_dec[...]
+
+    # ---- training hooks -----------------------------------------------------------------------
+    def init_from_data(self, x: jax.Array, y: jax.Array) -> None:
+        """Output bias at the geometric median of y (input bias, for transcoders, at that of x)."""
+        self.b_dec[...] = geometric_median(y, self.config.median_iters)
+        if self.transcoder:
+            self.b_in[...] = geometric_median(x, self.config.median_iters)
+
+    def project_grads(self, grads: nnx.State) -> nnx.State:
+        """Remove the gradient component parallel to each decoder row (it would only change its norm)."""
+        if not self.config.normalize_decoder:
+            return grads
+        w, g = self.W_dec[...], grads["W_dec"][...]
+        par = jnp.sum(g * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w * w, axis=1, keepdims=True), 1e-12)
+        grads["W_dec"] = grads["W_dec"].replace(g - par * w)
+        return grads
+
+    def after_step(self, metrics: dict[str, jax.Array]) -> None:
+        if self.config.normalize_decoder:
+            w = self.W_dec[...]
+            self.W_dec[...] = w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+        self.sparsity.after_step(metrics)
+
+    def fold_input_scale(self, scale_in: float, scale_out: float) -> None:
+        """Trained on (scale_in * x -> scale_out * y); afterwards reads raw x and writes raw y.
+
+        Decoder rows keep their norm; codes are divided by scale_out (so a code is the length of a
+        feature's contribution in raw units), and thresholds follow. Exact for every kind;
+        fold_input_scale(1/scale_in, 1/scale_out) undoes it. Hyper-parameters (L1/L0/AuxK
+        coefficients) keep the units of the training scale."""
+        s_in, s_out = float(scale_in), float(scale_out)
+        if not (s_in > 0 and s_out > 0):
+            raise ValueError(f"fold_input_scale needs positive scales, got {scale_in}, {scale_out}")
+        c = 1.0 / s_out
+        w_enc, b_enc = self.W_enc[...], self.b_enc[...]
+        if not self.transcoder:
+            # The SAE centres its input with b_dec, which lives in output units: absorb the mismatch in b_enc.
+            b_enc = b_enc + (s_in / s_out - 1.0) * (w_enc @ self.b_dec[...])
+        else:
+            self.b_in[...] = self.b_in[...] / s_in
+        self.W_enc[...] = w_enc * (s_in * c)
+        self.b_enc[...] = b_enc * c
+        self.b_dec[...] = self.b_dec[...] * c
+        if self.skip:
+            self.W_skip[...] = self.W_skip[...] * (s_in * c)
+        self.sparsity.fold(c)

@@ -1,0 +1,159 @@
+"""Sparse kernels for the TopK family: exact top-k, gathered decode, sparse-backward encoder.
+
+A TopK step must not pay for dense work beyond the one encoder matmul that every latent needs.
+With k active latents per token, everything else is O(batch * k * d):
+
+  decode      y[b]  = sum_j v[b,j] * W_dec[i[b,j]]           gather k decoder rows per token
+  decode VJP  dv    = <dy[b], W_dec[i[b,j]]>,  dW_dec rows += v[b,j] * dy[b]   (scatter-add)
+  encode VJP  dW_enc rows += dv[b,j] * x[b],  db_enc += dv,  dx = sum_j dv[b,j] W_enc[i[b,j]]
+
+Encoder and decoder weights are stored row-major by latent, (n_features, d), so every gather and
+scatter moves whole contiguous rows. The scatter-adds run over the batch in chunks, so the
+(chunk * k, d) update block stays small instead of materialising a (batch * k, d) array.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Tokens per chunk of the gathered decode and the scatter-adds: bounds the (chunk, k, d) temporaries.
+CHUNK_TOKENS = 256
+
+
+class SparseCodes(NamedTuple):
+    """Codes with a fixed number of slots per row: values (B, m) and latent indices (B, m), int32.
+
+    A slot with value 0 contributes nothing; indices within a row are distinct."""
+
+    values: jax.Array
+    indices: jax.Array
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k along the last axis: (values, indices) sorted by decreasing value, like lax.top_k."""
+    if not 0 < k <= x.shape[-1]:
+        raise ValueError(f"top_k needs 0 < k <= {x.shape[-1]} (the last axis), got k={k}")
+    return jax.lax.top_k(x, k)
+
+
+def densify(codes: SparseCodes, n_features: int) -> jax.Array:
+    """(B, m) sparse codes -> (B, n_features) dense codes."""
+    rows = jnp.arange(codes.values.shape[0])[:, None]
+    return jnp.zeros((codes.values.shape[0], n_features), codes.values.dtype).at[rows, codes.indices].add(codes.values)
+
+
+def fired_mask(codes: SparseCodes, n_features: int) -> jax.Array:
+    """(n_features,) bool: which latents have a nonzero value somewhere in the batch."""
+    hits = (codes.values != 0).astype(jnp.int32).reshape(-1)
+    return jnp.zeros((n_features,), jnp.int32).at[codes.indices.reshape(-1)].add(hits) > 0
+
+
+# ---- chunked helpers -------------------------------------------------------------------------
+
+
+def _chunks(batch: int) -> int:
+    """Chunk size that divides the batch (falls back to the whole batch for awkward sizes)."""
+    c = min(CHUNK_TOKENS, batch)
+    while batch % c:
+        c -= 1
+    return c if c >= 16 or c == batch else batch
+
+
+def gather_combine(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+    """out[b] = sum_j weights[b, j] * table[indices[b, j]]   ->  (B, d).
+
+    Loops over the k slots so no (B, k, d) temporary is built: each slot is one row gather and a
+    fused multiply-add into the (B, d) accumulator."""
+    out = jnp.zeros((weights.shape[0], table.shape[1]), table.dtype)
+    for j in range(weights.shape[1]):
+        out = out + weights[:, j : j + 1] * jnp.take(table, indices[:, j], axis=0)
+    return out
+
+
+def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+    """out[b, j] = <rows[b], table[indices[b, j]]>   ->  (B, k)."""
+    cols = [jnp.sum(rows * jnp.take(table, indices[:, j], axis=0), axis=-1) for j in range(indices.shape[1])]
+    return jnp.stack(cols, axis=1)
+
+
+def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
+    """out[i] = sum over (b, j) with indices[b, j] == i of weights[b, j] * rows[b]   ->  (n, d).
+
+    The transpose of `gather_combine`. Scans over token chunks so each scatter moves a
+    (chunk * k, d) block."""
+    batch, k = weights.shape
+    d = rows.shape[1]
+    c = _chunks(batch)
+
+    def body(acc, chunk):
+        w, i, r = chunk
+        upd = (w[:, :, None] * r[:, None, :]).reshape(c * k, d)
+        return acc.at[i.reshape(-1)].add(upd, mode="promise_in_bounds"), None
+
+    init = jnp.zeros((n, d), rows.dtype)
+    acc, _ = jax.lax.scan(body, init, (weights.reshape(-1, c, k), indices.reshape(-1, c, k), rows.reshape(-1, c, d)))
+    return acc
+
+
+def scatter_values(weights: jax.Array, indices: jax.Array, n: int) -> jax.Array:
+    """out[i] = sum of weights[b, j] with indices[b, j] == i   ->  (n,)."""
+    return jnp.zeros((n,), weights.dtype).at[indices.reshape(-1)].add(weights.reshape(-1))
+
+
+# ---- gathered decode with a sparse backward ---------------------------------------------------
+
+
+@jax.custom_vjp
+def gather_decode(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
+    """sum_j values[b, j] * w_dec[indices[b, j]]: (B, k), (B, k), (n, d) -> (B, d), no bias.
+
+    Equal to densify(values, indices) @ w_dec, at O(B k d) cost forward and backward."""
+    return gather_combine(values, indices, w_dec)
+
+
+def _gather_decode_fwd(values, indices, w_dec):
+    return gather_combine(values, indices, w_dec), (values, indices, w_dec)
+
+
+def _gather_decode_bwd(res, dy):
+    values, indices, w_dec = res
+    d_values = gather_dot(dy, indices, w_dec)
+    d_w_dec = scatter_rows(values, indices, dy, w_dec.shape[0])
+    return d_values, None, d_w_dec
+
+
+gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
+
+
+# ---- encoder values at selected latents, with a sparse backward --------------------------------
+
+
+@jax.custom_vjp
+def gather_encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, pre: jax.Array, indices: jax.Array) -> jax.Array:
+    """Pre-activations at the selected latents: pre[b, indices[b, j]]  ->  (B, k).
+
+    `pre` must be x @ w_enc.T + b_enc, computed once densely by the caller (for the selection);
+    the forward reads the values from it, so they equal the dense computation bit for bit. The
+    backward treats the values as <x[b], w_enc[i]> + b_enc[i] for the selected i only, so the
+    gradients reach x, w_enc and b_enc at O(B k d) cost and never form a dense (B, n) gradient.
+    `pre` and `indices` get no gradient (pass `pre` through lax.stop_gradient)."""
+    return jnp.take_along_axis(pre, indices, axis=1)
+
+
+def _gather_encode_fwd(x, w_enc, b_enc, pre, indices):
+    return jnp.take_along_axis(pre, indices, axis=1), (x, w_enc, indices)
+
+
+def _gather_encode_bwd(res, dv):
+    x, w_enc, indices = res
+    n = w_enc.shape[0]
+    d_x = gather_combine(dv, indices, w_enc)
+    d_w_enc = scatter_rows(dv, indices, x, n)
+    d_b_enc = scatter_values(dv, indices, n)
+    return d_x, d_w_enc, d_b_enc, None, None
+
+
+gather_encode.defvjp(_gather_encode_fwd, _gather_encode_bwd)

@@ -1,0 +1,246 @@
+"""Reconstruction and sparsity metrics, streamed over held-out batches of the cache.
+
+One jitted function per decomposer turns a batch (x, y) into sums; `ReconstructionAccumulator` adds
+the sums up in float64 on the host, so memory stays flat however many rows are evaluated and the
+result does not depend on the batch size (except where SAEBench's own definition does: see
+`explained_variance`). Definitions follow SAEBench's core eval (sae_bench/evals/core/main.py), with
+x the target activation (the decomposer's `y`; equal to its input for an SAE), x_hat = decomposer(x_in)
+(decode(encode(x_in)), plus the linear skip path of a skip transcoder), f = encode(x_in) the codes, and t
+running over the N evaluated tokens:
+
+  mse                 = mean_t ||x_t - x_hat_t||^2                         (squared error summed over dims;
+                        the project's convention, as in Decomposer.loss. SAEBench additionally divides
+                        by its batch's token count; multiply ours back if you compare raw numbers)
+  fvu                 = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2   (mean over all N tokens)
+  explained_variance  = mean_t [1 - ||x_t - x_hat_t||^2 / ||x_t - m||^2]   (SAEBench's per-token form; it
+                        differs from 1 - fvu in general. m is the mean over all evaluated tokens when the
+                        caller passes it (the suite does: one cheap pass over the targets), otherwise the
+                        mean of token t's batch, exactly as SAEBench computes it; a zero denominator counts as 1)
+  cossim              = mean_t <x_t, x_hat_t> / (||x_t|| ||x_hat_t||)      (0 where either norm is 0)
+  l2_norm_in, l2_norm_out = mean_t ||x_t||, mean_t ||x_hat_t||
+  l2_ratio            = mean_t ||x_hat_t|| / ||x_t||                       (||x_t|| < 1e-4 counts as 1)
+  relative_reconstruction_bias = mean_t ||x_hat_t||^2 / mean_t <x_t, x_hat_t>   (Rajamanoharan et al. 2024,
+                        eq. 10; 1 = unbiased, < 1 = shrinkage. SAEBench averages per-batch ratios; we take
+                        the ratio of the global means, which is what the batch ratios estimate)
+  l0                  = mean_t #{i : f_ti != 0}
+  l1                  = mean_t sum_i |f_ti|
+  feature density     p_i = #{t : f_ti != 0} / N
+  dead_fraction       = #{i : p_i = 0} / n_features   (never fired on the evaluated tokens)
+  dense_fraction      = #{i : p_i > 0.1} / n_features
+  frequency histogram = counts of log10(p_i) over fixed bins FREQ_BIN_EDGES, dead latents counted apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DENSE_THRESHOLD = 0.1
+NORM_FLOOR = 1e-4  # SAEBench: inputs with a smaller norm divide the L2 ratio by 1 instead
+# log10(firing frequency) bins: 1e-7 .. 1 in steps of 0.25 decades; the same for every decomposer
+FREQ_BIN_EDGES = np.round(np.arange(-7.0, 0.0001, 0.25), 4)
+
+BatchStatsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def make_batch_stats_fn(decomposer: nnx.Module, top_k: int = 0, target_mean: np.ndarray | None = None) -> BatchStatsFn:
+    """A jitted `(x, y, weight) -> sums` for one decomposer.
+
+    weight (B,) is 1 for real rows and 0 for padding (so every batch has one shape and compiles once).
+    With top_k > 0 it also returns each feature's top_k activations in the batch and their row indices
+    (for the feature cards), at the cost of one top_k over (n_features, B). target_mean: the reference
+    mean of the per-token explained variance (None: each batch's own mean)."""
+    graphdef, state = nnx.split(decomposer)
+    ref = None if target_mean is None else jnp.asarray(target_mean, jnp.float32)
+
+    @jax.jit
+    def stats(state, x, y, w):
+        model = nnx.merge(graphdef, state)
+        codes = model.encode(x)
+        y_hat = model(x)  # not decode(codes): a skip transcoder adds x @ W_skip (XLA shares the encoder work)
+        return _batch_sums(codes, y, y_hat, w, top_k, ref)
+
+    return lambda x, y, w: jax.device_get(stats(state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)))
+
+
+def _batch_sums(codes: jax.Array, y: jax.Array, y_hat: jax.Array, w: jax.Array, top_k: int,
+                ref_mean: jax.Array | None) -> dict[str, jax.Array]:
+    """Per-batch sums of everything the metrics need (weighted by w: padding rows count for nothing)."""
+    y, y_hat, codes = y.astype(jnp.float32), y_hat.astype(jnp.float32), codes.astype(jnp.float32)
+    n = w.sum()
+    err2 = jnp.sum((y - y_hat) ** 2, axis=-1)
+    mean = (w[:, None] * y).sum(0) / jnp.maximum(n, 1.0)
+    centred2 = jnp.sum((y - mean) ** 2, axis=-1)
+    ev_centred2 = centred2 if ref_mean is None else jnp.sum((y - ref_mean) ** 2, axis=-1)
+    norm_in = jnp.linalg.norm(y, axis=-1)
+    norm_out = jnp.linalg.norm(y_hat, axis=-1)
+    dot = jnp.sum(y * y_hat, axis=-1)
+    denom = norm_in * norm_out
+    cos = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+    ratio = norm_out / jnp.where(norm_in < NORM_FLOOR, 1.0, norm_in)
+    ev = 1.0 - err2 / jnp.where(ev_centred2 > 0, ev_centred2, 1.0)
+    fired = (codes != 0) & (w[:, None] > 0)
+    out = {
+        "n": n,
+        "sse": (w * err2).sum(),
+        "mean": mean,
+        "m2": (w * centred2).sum(),  # sum of squared deviations from the batch mean
+        "ev_sum": (w * ev).sum(),
+        "cos_sum": (w * cos).sum(),
+        "norm_in_sum": (w * norm_in).sum(),
+        "norm_out_sum": (w * norm_out).sum(),
+        "ratio_sum": (w * ratio).sum(),
+        "xhat2_sum": (w * norm_out**2).sum(),
+        "dot_sum": (w * dot).sum(),
+        "l0_sum": fired.sum(dtype=jnp.float32),
+        "l1_sum": (w[:, None] * jnp.abs(codes)).sum(),
+        "fire_count": fired.sum(0, dtype=jnp.int32),
+        "act_sum": (w[:, None] * codes).sum(0),
+        "act_max": jnp.where(w[:, None] > 0, codes, -jnp.inf).max(0),
+    }
+    if top_k:
+        k = min(top_k, codes.shape[0])
+        vals, idx = jax.lax.top_k(jnp.where(w[:, None] > 0, codes, -jnp.inf).T, k)
+        out["top_vals"], out["top_rows"] = vals, idx
+    return out
+
+
+@dataclass
+class ReconstructionAccumulator:
+    """Adds up batch sums in float64 (Chan et al.'s pairwise merge for the total variance)."""
+
+    n_features: int
+    top_k: int = 0
+    n: float = 0.0
+    mean: np.ndarray | None = None
+    m2: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+    fire_count: np.ndarray | None = None
+    act_sum: np.ndarray | None = None
+    act_max: np.ndarray | None = None
+    top_vals: np.ndarray | None = None  # (n_features, top_k) running best activations
+    top_rows: np.ndarray | None = None  # (n_features, top_k) their global row numbers (-1: none yet)
+
+    def __post_init__(self) -> None:
+        self.fire_count = np.zeros(self.n_features, np.int64)
+        self.act_sum = np.zeros(self.n_features, np.float64)
+        self.act_max = np.full(self.n_features, -np.inf)
+        if self.top_k:
+            self.top_vals = np.full((self.n_features, self.top_k), -np.inf, np.float32)
+            self.top_rows = np.full((self.n_features, self.top_k), -1, np.int64)
+
+    def add(self, s: dict[str, np.ndarray], row_offset: int = 0) -> None:
+        """Merge one batch's sums; row_offset is the global row number of the batch's first row."""
+        nb = float(s["n"])
+        if nb == 0:
+            return
+        mb = np.asarray(s["mean"], np.float64)
+        if self.mean is None:
+            self.mean, self.m2 = mb, float(s["m2"])
+        else:
+            total = self.n + nb
+            delta = mb - self.mean
+            self.m2 += float(s["m2"]) + float(delta @ delta) * self.n * nb / total
+            self.mean = self.mean + delta * nb / total
+        self.n += nb
+        for key in ("sse", "ev_sum", "cos_sum", "norm_in_sum", "norm_out_sum", "ratio_sum", "xhat2_sum", "dot_sum",
+                    "l0_sum", "l1_sum"):
+            self.sums[key] = self.sums.get(key, 0.0) + float(s[key])
+        self.fire_count += np.asarray(s["fire_count"], np.int64)
+        self.act_sum += np.asarray(s["act_sum"], np.float64)
+        self.act_max = np.maximum(self.act_max, np.asarray(s["act_max"], np.float64))
+        if self.top_k and "top_vals" in s:
+            vals = np.concatenate([self.top_vals, np.asarray(s["top_vals"], np.float32)], axis=1)
+            rows = np.concatenate([self.top_rows, np.asarray(s["top_rows"], np.int64) + row_offset], axis=1)
+            order = np.argsort(-vals, axis=1, kind="stable")[:, : self.top_k]
+            self.top_vals = np.take_along_axis(vals, order, axis=1)
+            self.top_rows = np.take_along_axis(rows, order, axis=1)
+
+    def density(self) -> np.ndarray:
+        """(n_features,) fraction of evaluated tokens on which each feature fired."""
+        return self.fire_count / max(self.n, 1.0)
+
+    def metrics(self) -> dict[str, Any]:
+        """The scalar metrics and the frequency histogram (see the module docstring for formulas)."""
+        if self.n == 0:
+            raise ValueError("no rows were evaluated: the eval split is empty or n_eval_rows is 0")
+        n, s = self.n, self.sums
+        p = self.density()
+        live = p[p > 0]
+        counts, _ = np.histogram(np.log10(live), bins=FREQ_BIN_EDGES) if live.size else (np.zeros(len(FREQ_BIN_EDGES) - 1, int), None)
+        # frequencies below the first edge (rarer than 1e-7) land in the first bin
+        counts[0] += int((live < 10 ** FREQ_BIN_EDGES[0]).sum())
+        return {
+            "n_tokens": int(n),
+            "mse": s["sse"] / n,
+            "fvu": s["sse"] / self.m2 if self.m2 > 0 else float("nan"),
+            "explained_variance": s["ev_sum"] / n,
+            "cossim": s["cos_sum"] / n,
+            "l2_norm_in": s["norm_in_sum"] / n,
+            "l2_norm_out": s["norm_out_sum"] / n,
+            "l2_ratio": s["ratio_sum"] / n,
+            "relative_reconstruction_bias": s["xhat2_sum"] / s["dot_sum"] if s["dot_sum"] != 0 else float("nan"),
+            "l0": s["l0_sum"] / n,
+            "l1": s["l1_sum"] / n,
+            "dead_fraction": float((p == 0).mean()),
+            "dense_fraction": float((p > DENSE_THRESHOLD).mean()),
+            "freq_hist": {"log10_edges": FREQ_BIN_EDGES.tolist(), "counts": [int(c) for c in counts],
+                          "dead": int((p == 0).sum())},
+        }
+
+    def feature_stats(self) -> dict[str, np.ndarray]:
+        """Per feature: firing frequency, mean activation when firing, max activation (0 if never fired)."""
+        fired = self.fire_count > 0
+        mean = np.where(fired, self.act_sum / np.maximum(self.fire_count, 1), 0.0)
+        return {"frequency": self.density(), "mean_activation": mean,
+                "max_activation": np.where(fired, self.act_max, 0.0)}
+
+
+def evaluate_reconstruction(
+    decomposer: nnx.Module,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    batch_size: int,
+    top_k: int = 0,
+    target_mean: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ReconstructionAccumulator:
+    """Stream (x, y) batches (each at most batch_size rows) through the decomposer and accumulate.
+
+    Rows are numbered in the order they arrive (the accumulator's top_rows refer to these numbers).
+    target_mean: mean of y over the evaluated rows (see `explained_variance`); `mean_of` computes it."""
+    fn = make_batch_stats_fn(decomposer, top_k=top_k, target_mean=target_mean)
+    acc = ReconstructionAccumulator(int(decomposer.config.n_features), top_k=top_k)
+    offset = 0
+    for x, y in batches:
+        b = x.shape[0]
+        if b > batch_size:
+            raise ValueError(f"a batch has {b} rows, more than batch_size={batch_size}")
+        if b == 0:
+            continue
+        w = np.zeros(batch_size, np.float32)
+        w[:b] = 1.0
+        if b < batch_size:  # pad to one shape: a single compile
+            x = np.concatenate([x, np.zeros((batch_size - b, x.shape[1]), x.dtype)])
+            y = np.concatenate([y, np.zeros((batch_size - b, y.shape[1]), y.dtype)])
+        acc.add(fn(x.astype(np.float32), y.astype(np.float32), w), row_offset=offset)
+        offset += b
+        if progress is not None:
+            progress(b)
+    return acc
+
+
+def mean_of(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """Column mean of a stream of (B, d) arrays, in float64 (the reference mean of explained_variance)."""
+    total, n = None, 0
+    for a in arrays:
+        s = np.asarray(a, np.float64).sum(0)
+        total = s if total is None else total + s
+        n += a.shape[0]
+    if total is None:
+        raise ValueError("mean_of: no rows")
+    return total / n

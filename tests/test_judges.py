@@ -1,0 +1,187 @@
+"""Concept judges, fluency gates and the statistics of steering, on constructed data (no model)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from eval.judges import (
+    ConceptJudge,
+    FluencyReference,
+    LinearProbe,
+    NaiveBayesText,
+    compare_rates,
+    detection_auc,
+    distinct_bigram_share,
+    harmonic_mean,
+    label_of,
+    load_labelled_documents,
+    split_documents,
+    words,
+)
+
+
+def blobs(n_per_class: int, d: int = 20, k: int = 3, sep: float = 3.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d)) * sep
+    y = np.repeat(np.arange(k), n_per_class)
+    return centres[y] + rng.standard_normal((len(y), d)), y
+
+
+def test_probe_separates_blobs_and_generalises():
+    x, y = blobs(60)
+    xt, yt = blobs(30, seed=0)  # same centres (same seed), fresh noise below
+    xt = xt + np.random.default_rng(1).standard_normal(xt.shape) * 0.1
+    probe = LinearProbe(3).fit(x, y)
+    assert (probe.predict(xt) == yt).mean() > 0.95
+    p = probe.predict_proba(xt)
+    assert np.allclose(p.sum(1), 1.0)
+
+
+def test_probe_is_class_balanced():
+    # 95% of the data is class 1; an unweighted fit would lean to it on the ambiguous middle
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-1, 1, (20, 1)), rng.normal(1, 1, (380, 1))])
+    y = np.r_[np.zeros(20, int), np.ones(380, int)]
+    probe = LinearProbe(2, l2=1e-4).fit(x, y)
+    boundary = np.linspace(-3, 3, 601)[np.argmax(probe.predict(np.linspace(-3, 3, 601)[:, None]) == 1)]
+    assert abs(boundary) < 0.4  # balanced: the decision boundary sits near the midpoint 0
+
+
+def test_probe_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels"):
+        LinearProbe(2).fit(np.zeros((3, 2)), np.array([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="fit"):
+        LinearProbe(2).predict(np.zeros((1, 2)))
+
+
+def test_words_drop_function_words():
+    assert words("The striker SCORED a goal, and I'm happy!") == ["striker", "scored", "goal", "happy"]
+
+
+SPORT = ["the striker scored a late goal in the match", "the coach praised the team after the cup final",
+         "the champion won the title in the final set", "the goal keeper saved a penalty in the match"]
+MONEY = ["the bank raised interest rates and shares fell", "profits at the firm rose as sales grew",
+         "the market fell as investors sold shares", "the company reported higher profits and sales"]
+
+
+def test_naive_bayes_classifies_by_topic_words():
+    nb = NaiveBayesText(2, min_count=1).fit(SPORT + MONEY, [0] * 4 + [1] * 4)
+    assert list(nb.predict(["a goal in the final match", "shares and profits rose", "zzz qqq"])) == [0, 1, 1]
+
+
+def test_naive_bayes_uniform_prior_ignores_class_sizes():
+    # 1 sport text against 8 money texts: a word seen only in sport still decides
+    nb = NaiveBayesText(2, min_count=1).fit(SPORT[:1] + MONEY * 2, [0] + [1] * 8)
+    assert nb.predict(["striker goal"])[0] == 0
+
+
+def test_distinct_bigram_share():
+    assert distinct_bigram_share([1, 2, 3, 4]) == 1.0
+    assert distinct_bigram_share([5, 5, 5, 5]) == pytest.approx(1 / 3)
+    assert distinct_bigram_share([1, 2, 1, 2, 1]) == pytest.approx(2 / 4)
+    assert distinct_bigram_share([7]) == 1.0
+
+
+def test_fluency_gates_and_score():
+    ref = FluencyReference.of([2.0, 2.0], [0.9, 1.0], loss_margin=1.0, bigram_frac=0.8)
+    assert ref.loss == 2.0 and ref.bigram_share == pytest.approx(0.95)
+    gate = ref.gate([2.5, 3.2, 2.0, 2.0], [0.95, 0.95, 0.7, 0.77])
+    assert list(gate) == [True, False, False, True]  # 0.77 >= 0.8 * 0.95 = 0.76
+    assert ref.score([1.5], [0.95]) == 1.0  # lower loss than unsteered is not rewarded above 1
+    assert ref.score([3.0], [0.95]) == pytest.approx(math.exp(-1.0))
+    assert ref.score([2.0], [0.38]) == pytest.approx(0.5)  # ratio 0.4 of the reference / 0.8
+
+
+def test_word_salad_and_repetition_fail_the_gates():
+    ref = FluencyReference.of([2.5] * 4, [1.0] * 4)
+    repetition = [11] * 24  # "the the the ...": low loss but no distinct bigrams
+    salad_loss = 7.0  # content words in no sentence: the unsteered model finds them very unlikely
+    assert not ref.gate([1.0], [distinct_bigram_share(repetition)])[0]
+    assert not ref.gate([salad_loss], [1.0])[0]
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(1.0, 1.0) == 1.0
+    assert harmonic_mean(0.0, 1.0) == 0.0
+    assert harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert harmonic_mean(-0.2, 1.0) == 0.0
+
+
+def test_compare_rates_matches_hypergeometric_tail():
+    res = compare_rates(9, 24, 0, 24)
+    # P(X >= 9) for X ~ Hypergeom(total 48, 9 successes, 24 draws)
+    assert res["p_fisher"] == pytest.approx(stats.hypergeom.sf(8, 48, 9, 24))
+    assert res["p_fisher"] < 0.01 and res["p_z"] < 0.01 and res["diff"] == pytest.approx(9 / 24)
+    assert compare_rates(1, 24, 0, 24)["p_fisher"] > 0.4
+    assert compare_rates(0, 24, 0, 24)["p_fisher"] == pytest.approx(1.0)
+    assert compare_rates(0, 24, 12, 24, alternative="less")["p_fisher"] < 0.001
+    with pytest.raises(ValueError, match="k <= n"):
+        compare_rates(5, 4, 0, 4)
+
+
+def test_detection_auc_known_answers_and_brute_force():
+    pos = np.array([True, True, False, False])
+    assert detection_auc(np.array([3.0, 2.0, 1.0, 0.0]), pos)[0] == 1.0
+    assert detection_auc(np.array([0.0, 1.0, 2.0, 3.0]), pos)[0] == 0.0
+    assert detection_auc(np.zeros(4), pos)[0] == 0.5
+    rng = np.random.default_rng(0)
+    s, lab = rng.integers(0, 5, (40, 3)).astype(float), rng.random(40) < 0.4
+    brute = [np.mean([(a > b) + 0.5 * (a == b) for a in s[lab, j] for b in s[~lab, j]]) for j in range(3)]
+    assert np.allclose(detection_auc(s, lab), brute)
+    with pytest.raises(ValueError, match="positive and negative"):
+        detection_auc(np.zeros(3), np.ones(3, bool))
+
+
+def fitted_judge():
+    """Probe on a 2-d toy activation (x0 > 0: sport) and lexical judge on toy texts."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal((2, 0), 0.5, (30, 2)), rng.normal((-2, 0), 0.5, (30, 2))])
+    labels = ["sport"] * 30 + ["brown"] * 30
+    return ConceptJudge.fit(["sport"], "resid_post.1", x, labels, SPORT + MONEY, ["sport"] * 4 + ["bbc_money"] * 4)
+
+
+def test_judge_needs_both_classifiers_and_fluency():
+    judge = fitted_judge()
+    assert judge.classes == ("sport", "other")
+    x = np.array([[2.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [2.0, 0.0]])
+    texts = ["the striker scored a goal", "shares and profits fell", "the striker scored a goal", "the striker scored a goal"]
+    fluent = np.array([True, True, True, False])
+    # agree+fluent | probe only | lexical only | agree but not fluent
+    assert list(judge.on_topic("sport", x, texts, fluent)) == [True, False, False, False]
+    acc = judge.accuracy(x[:3], texts[:3], ["sport", "x", "sport"])
+    assert acc["probe"] == pytest.approx(0.75) and acc["lexical"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="knows concepts"):
+        judge.on_topic("tech", x, texts)
+
+
+def test_judge_refuses_missing_classes():
+    with pytest.raises(ValueError, match="no training text"):
+        ConceptJudge.fit(["sport", "tech"], "h", np.zeros((2, 2)), ["sport", "brown"], ["a b"], ["sport"])
+
+
+def test_labelled_corpus_reading_and_split(tmp_path):
+    path = tmp_path / "c.jsonl.gz"
+    recs = [{"source": "bbc", "id": f"sport/{i:03d}.txt", "text": "goal"} for i in range(40)]
+    recs += [{"source": "brown", "id": f"ca{i:02d}", "text": "words"} for i in range(40)]
+    recs += [{"source": "bbc", "id": "weird/001.txt", "text": "x"}]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+    docs = load_labelled_documents(path)
+    assert [d.label for d in docs[:1] + docs[40:41] + docs[-1:]] == ["sport", "brown", "bbc"]
+    train, test = split_documents(docs, 0.25, seed=0)
+    assert {d.id for d in train}.isdisjoint({d.id for d in test}) and len(train) + len(test) == len(docs)
+    assert 5 < len(test) < 40
+    assert [d.id for d in split_documents(docs, 0.25, seed=0)[1]] == [d.id for d in test]
+    assert label_of("abc", "rural.txt:3") == "abc"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"source": "bbc", "text": "no id"}) + "\n")
+    with pytest.raises(ValueError, match="missing field"):
+        load_labelled_documents(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_labelled_documents(tmp_path / "nope.jsonl")

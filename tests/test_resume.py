@@ -1,0 +1,93 @@
+"""Kill `dictlearn train` with SIGKILL mid-run, run the same command again: it resumes from the last
+checkpoint (parameters, Adam state, dead counters, loader position) and ends with exactly the parameters
+of an uninterrupted run (tolerance: bitwise equal, on this CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from test_trainer import CLI_CONFIG, planted, write_cache
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+import test_trainer  # registers the test decomposer kind
+from dictlearn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+STEPS = 120
+ARGS = ["--set", f"train.n_steps={STEPS}", "--set", "train.checkpoint_every=10", "--set", "train.log_every=10"]
+
+
+def _config(tmp_path: Path, name: str, cache: Path) -> tuple[Path, Path]:
+    out = tmp_path / name
+    config = tmp_path / f"{name}.toml"
+    text = CLI_CONFIG.format(out=out, wandb="disabled").replace("[train]\n", f'[train]\ncache = "{cache}"\n')
+    config.write_text(text)
+    return config, out
+
+
+def _command(config: Path) -> list[str]:
+    return [sys.executable, "-c", SCRIPT, "train", str(config), *ARGS]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    # a persistent compilation cache shared by the two subprocesses: the rerun loads the step compiled
+    # by the killed run instead of compiling it again (same executable, so the numbers cannot change)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
+    from dictlearn.cli import main
+    from trainers.logging import read_log
+
+    cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=2048)})
+    config_a, out_a = _config(tmp_path, "straight", cache)
+    config_b, out_b = _config(tmp_path, "killed", cache)
+
+    # the interrupted run: SIGKILL as soon as step 20 is checkpointed (mid-run, maybe mid-save)
+    proc = subprocess.Popen(_command(config_b), env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckdir = out_b / "decomposers" / "tiny32" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckdir.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out_b / "decomposers" / "tiny32" / "params.safetensors").exists()
+    steps_at_kill = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+    assert steps_at_kill and max(steps_at_kill) < STEPS
+
+    # the same command again resumes and finishes
+    rerun = subprocess.run(_command(config_b), env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming tiny4x (test_tiny_relu), tiny32 (test_tiny_relu) at step" in rerun.stdout + rerun.stderr
+
+    # an uninterrupted run of the same config (in this process)
+    assert main(["train", str(config_a), *ARGS, "--set", f"train.checkpoint_every={STEPS}"]) == 0
+
+    for name in ("tiny4x", "tiny32"):
+        a = load_file(str(out_a / "decomposers" / name / "params.safetensors"))
+        b = load_file(str(out_b / "decomposers" / name / "params.safetensors"))
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert np.array_equal(a[key], b[key]), f"{name}.{key}: max diff {np.abs(a[key] - b[key]).max()}"
+        log_a = read_log(out_a / "decomposers" / name / "train_log.jsonl")
+        log_b = read_log(out_b / "decomposers" / name / "train_log.jsonl")
+        assert [r["step"] for r in log_b] == list(range(10, STEPS + 1, 10))  # no gaps, no repeats after the resume
+        for ra, rb in zip(log_a, log_b):
+            assert {k: ra[k] for k in ("loss", "mse", "fvu", "l0", "dead_frac", "lr")} == \
+                   {k: rb[k] for k in ("loss", "mse", "fvu", "l0", "dead_frac", "lr")}, ra["step"]

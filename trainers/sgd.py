@@ -1,0 +1,399 @@
+"""The SGD trainer: several autoencoder-style decomposers trained in one pass over the same batches.
+
+Per step, for every decomposer and inside one jitted function: `loss(batch)` under value-and-grad,
+`project_grads`, the Adam update, `after_step`, and the trainer's dead-latent counters. The function is
+pure (`nnx.split` state in, state out, donated), so the hot path carries no Python graph traversal and
+the state is exactly what a checkpoint holds.
+
+Inputs are scaled to unit mean squared norm per activation key (x and y of a transcoder get separate
+scales); the saved dictionary has the scales folded back in and reads raw activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dictlearn.decomposers import base
+from trainers import optim, scaling, sharding
+from trainers.checkpoint import CheckpointMismatch, Checkpointer, check_signature, common_step
+from trainers.data import BatchSource
+from trainers.logging import LOG_FILE, TrainLogger, WandbConfig
+
+CHECKPOINT_DIR = "checkpoints"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The `[train]` table: shared by every decomposer trained in one pass."""
+
+    batch_size: int = 4096
+    n_tokens: int = 0  # total training tokens; 0: use n_steps
+    n_steps: int = 0  # optimiser steps; 0 and n_tokens 0: one epoch of the cache's train split
+    lr: float = 2e-4  # a [[decomposers]] table may set its own `lr`
+    warmup_steps: int = 1000
+    decay: str = "linear"  # none | linear | cosine, over the last decay_fraction of the steps
+    decay_fraction: float = 0.2
+    final_lr_fraction: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.0  # global-norm clipping; 0: off
+    scale_inputs: bool = True  # train on activations scaled to unit mean squared norm
+    sample_tokens: int = 65536  # rows drawn to estimate the scales and for init_from_data
+    dead_window_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0  # loader shuffling and the sample draw
+    progress: bool = True
+    cache: str = ""  # activation cache folder; "": <out_dir>/cache
+    mesh_data: int = 0  # devices on the batch axis; 0: all devices / mesh_model
+    mesh_model: int = 1  # devices on the latent axis
+    distributed: bool = False  # call jax.distributed.initialize (several processes or hosts)
+    coordinator_address: str = ""  # "host:port"; "": let JAX detect the cluster
+    num_processes: int = 0
+    process_id: int = -1
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "checkpoint_every", "sample_tokens", "dead_window_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_tokens < 0 or self.n_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("n_tokens, n_steps and warmup_steps must not be negative")
+        if self.n_tokens and self.n_steps:
+            raise ValueError("give n_tokens or n_steps, not both")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.decay not in optim.DECAYS:
+            raise ValueError(f"decay must be one of {', '.join(optim.DECAYS)}, got {self.decay!r}")
+        if self.dead_window_tokens >= 2**31 - 2**26:
+            raise ValueError("dead_window_tokens must stay below 2e9 (the counters are int32)")
+
+    def total_steps(self, rows: int) -> int:
+        if self.n_steps:
+            return self.n_steps
+        if self.n_tokens:
+            return max(1, self.n_tokens // self.batch_size)
+        return max(1, rows // self.batch_size)
+
+    def math(self) -> dict[str, Any]:
+        """The fields that change the trained parameters (a resumed run must match them)."""
+        keep = ("batch_size", "warmup_steps", "decay", "decay_fraction", "final_lr_fraction", "adam_b1", "adam_b2",
+                "adam_eps", "grad_clip", "scale_inputs", "sample_tokens", "dead_window_tokens", "seed")
+        return {k: getattr(self, k) for k in keep}
+
+
+@dataclasses.dataclass
+class DecomposerSpec:
+    """One dictionary to train: its kind and config, and the folder it is written to."""
+
+    name: str
+    kind: str
+    config: base.DecomposerConfig
+    folder: Path
+    lr: float | None = None  # None: TrainConfig.lr
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.name):
+            raise ValueError(f"decomposer name {self.name!r} must be a plain folder name (letters, digits, . _ -)")
+        self.folder = Path(self.folder)
+
+    @property
+    def x_key(self) -> str:
+        return self.config.hookpoint_in
+
+    @property
+    def y_key(self) -> str:
+        return self.config.hookpoint_out
+
+    @property
+    def grad_key(self) -> str:
+        return f"{self.config.hookpoint_out}@grad"
+
+    def keys(self) -> list[str]:
+        needs_grad = base.REGISTRY[self.kind].needs_grad if self.kind in base.REGISTRY else False
+        return list(dict.fromkeys([self.x_key, self.y_key] + ([self.grad_key] if needs_grad else [])))
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a nan or inf loss; the run stopped and kept its last good checkpoint."""
+
+
+def finished(folder: str | Path) -> bool:
+    """A decomposer folder holding a saved dictionary (written last, after the final checkpoint)."""
+    folder = Path(folder)
+    return (folder / base.CONFIG_FILE).is_file() and (folder / base.PARAMS_FILE).is_file()
+
+
+def data_keys(specs: list[DecomposerSpec]) -> list[str]:
+    """Every activation key a pass needs, in first-use order."""
+    return list(dict.fromkeys(k for s in specs for k in s.keys()))
+
+
+@dataclasses.dataclass
+class _Member:
+    """A decomposer under training and everything the loop needs to know about it."""
+
+    spec: DecomposerSpec
+    lr: float
+    schedule: Any
+    model_def: Any
+    opt_def: Any
+    checkpointer: Checkpointer
+    signature: dict[str, Any]
+    scale_in: float = 1.0
+    scale_out: float = 1.0
+
+    def view(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The decomposer's batch: scaled x and y; the gradient w.r.t. the scaled y (chain rule: g / s)."""
+        out = {"x": batch[self.spec.x_key] * self.scale_in, "y": batch[self.spec.y_key] * self.scale_out}
+        if base.REGISTRY[self.spec.kind].needs_grad:
+            out["grad"] = batch[self.spec.grad_key] / self.scale_out
+        return out
+
+
+def _check_float32(model: base.Decomposer, name: str) -> None:
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        dtype = var.get_value().dtype
+        if dtype != jnp.float32:
+            raise TypeError(f"decomposer {name!r}: parameter {'.'.join(map(str, path))} is {dtype}; "
+                            f"the trainer keeps parameters and optimiser state in float32")
+
+
+def _signature(spec: DecomposerSpec, cfg: TrainConfig, lr: float, n_steps: int) -> dict[str, Any]:
+    sig = {"kind": spec.kind, "config": dataclasses.asdict(spec.config), "lr": lr, "n_steps": n_steps, **cfg.math()}
+    return json.loads(json.dumps(sig))
+
+
+def _make_step(members: list[_Member], batch_size: int, dead_window: int):
+    """The pure step over every member: (states, batch) -> (states, per-member scalars).
+
+    Besides the decomposer's own metrics, each member reports the learning rate it used, the fraction
+    of dead latents (no firing in `dead_window` tokens) and `finite`: loss and every parameter finite."""
+
+    def step(states, batch):
+        new_states, outs = [], []
+        for m, (model_state, opt_state, trainer_state) in zip(members, states):
+            model = nnx.merge(m.model_def, model_state)
+            opt = nnx.merge(m.opt_def, opt_state)
+            view = m.view(batch)
+            lr = m.schedule(opt.step[...])
+            (loss, metrics), grads = nnx.value_and_grad(lambda mod: mod.loss(view), has_aux=True)(model)
+            grads = model.project_grads(grads)
+            opt.update(model, grads)
+            model.after_step(metrics)
+            if "fired" not in metrics:
+                raise KeyError(f"{m.spec.kind}.loss must return metrics['fired'] (n_features,) bool")
+            dead = trainer_state["dead_tokens"]
+            dead = jnp.where(metrics["fired"], 0, jnp.minimum(dead + batch_size, dead_window + batch_size)).astype(jnp.int32)
+            new_model_state = nnx.state(model)
+            params = jax.tree.leaves(nnx.state(model, nnx.Param))
+            scalars = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items() if k != "fired" and jnp.ndim(v) == 0}
+            scalars.update(
+                loss=jnp.asarray(loss, jnp.float32),
+                lr=jnp.asarray(lr, jnp.float32),
+                dead_frac=jnp.mean(dead >= dead_window),
+                finite=jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in params])),
+            )
+            new_states.append((new_model_state, nnx.state(opt), {"dead_tokens": dead}))
+            outs.append(scalars)
+        return new_states, outs
+
+    return step
+
+
+LAST_VALUE = ("lr", "dead_frac")  # logged as at the logging step; the other metrics as means since the last log
+
+
+def train(
+    specs: list[DecomposerSpec],
+    source: BatchSource,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    wandb_cfg: WandbConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Path]:
+    """Train every spec on `source` in one pass; resume from their checkpoints when they hold one.
+
+    Returns each decomposer's folder (config.json + params.safetensors on raw activations, train_log.jsonl,
+    checkpoints/). Raises NonFiniteLoss (keeping the last good checkpoint) if a loss turns nan or inf."""
+    if not specs:
+        return {}
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"decomposer names must be unique, got {names}")
+    missing = sorted(set(data_keys(specs)) - set(source.keys))
+    if missing:
+        raise ValueError(f"the batch source lacks key(s) {missing}; it has {source.keys}")
+    out_dir = Path(out_dir)
+    wandb_cfg = wandb_cfg or WandbConfig()
+    mesh = mesh or sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
+    main_process = jax.process_index() == 0
+    n_steps = cfg.total_steps(source.rows())
+    batch_size = source.batch_size
+    if batch_size != cfg.batch_size:
+        raise ValueError(f"the batch source yields batches of {batch_size}, the config asks for {cfg.batch_size}")
+
+    # Build every member (random init from its seed), its optimiser and its checkpoints.
+    models, members = [], []
+    for spec in specs:
+        model = base.build(spec.kind, spec.config)
+        _check_float32(model, spec.name)
+        lr = spec.lr or cfg.lr
+        schedule = optim.lr_schedule(lr, n_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction, cfg.final_lr_fraction)
+        models.append(model)
+        members.append(_Member(spec, lr, schedule, None, None,
+                               Checkpointer(spec.folder / CHECKPOINT_DIR, cfg.keep_checkpoints),
+                               _signature(spec, cfg, lr, n_steps)))
+
+    start = common_step([m.checkpointer for m in members])
+    if start is None and any(m.checkpointer.steps() for m in members):
+        have = [m.spec.name for m in members if m.checkpointer.steps()]
+        raise CheckpointMismatch(
+            f"decomposers {have} have checkpoints but the others in this pass do not, so they cannot resume "
+            f"together: train the new ones separately with --only NAME, or delete the checkpoints/ folders of {have}"
+        )
+    if start is not None:
+        metas = [m.checkpointer.meta(start) for m in members]
+        for m, meta in zip(members, metas):
+            check_signature(m.checkpointer.folder, meta["signature"], m.signature)
+            m.scale_in, m.scale_out = meta["scale_in"], meta["scale_out"]
+    else:
+        sample = source.sample(cfg.sample_tokens)
+        scales = scaling.input_scales(sample, [k for s in specs for k in (s.x_key, s.y_key)], cfg.scale_inputs)
+        for m, model in zip(members, models):
+            m.scale_in, m.scale_out = scales[m.spec.x_key], scales[m.spec.y_key]
+            model.init_from_data(jnp.asarray(sample[m.spec.x_key] * np.float32(m.scale_in)),
+                                 jnp.asarray(sample[m.spec.y_key] * np.float32(m.scale_out)))
+            _check_float32(model, m.spec.name)
+        del sample
+
+    # Split into pure state, lay it out on the mesh, and overwrite it from the checkpoint when resuming.
+    states, shardings = [], []
+    for m, model in zip(members, models):
+        tx = optim.adam(m.schedule, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.grad_clip)
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        m.model_def, model_state = nnx.split(model)
+        m.opt_def, opt_state = nnx.split(opt)
+        state = (model_state, opt_state, {"dead_tokens": np.zeros(m.spec.config.n_features, np.int32)})
+        state_sharding = sharding.tree_shardings(state, mesh, m.spec.config.n_features)
+        states.append(sharding.place(state, state_sharding))
+        shardings.append(state_sharding)
+    if start is not None:
+        for i, m in enumerate(members):
+            model_state, opt_state, trainer_state, _ = m.checkpointer.restore(start, *states[i])
+            states[i] = (model_state, opt_state, trainer_state)
+    start = start or 0
+
+    step_fn = jax.jit(
+        _make_step(members, batch_size, cfg.dead_window_tokens), donate_argnums=0, out_shardings=(shardings, None)
+    )
+    batch_sharding = sharding.batch_sharding(mesh)
+    keys = data_keys(specs)
+
+    logger = TrainLogger(
+        out_dir,
+        {m.spec.name: m.spec.folder / LOG_FILE for m in members},
+        wandb_cfg,
+        config={"train": dataclasses.asdict(cfg), "n_steps": n_steps,
+                "decomposers": {m.spec.name: {"kind": m.spec.kind, "lr": m.lr, **dataclasses.asdict(m.spec.config)}
+                                for m in members}},
+        n_steps=n_steps,
+        start_step=start,
+        progress=cfg.progress,
+        enabled=main_process,
+    )
+    what = ", ".join(f"{m.spec.name} ({m.spec.kind})" for m in members)
+    if start:
+        logger.message(f"resuming {what} at step {start} of {n_steps} (loader batch {start})")
+    else:
+        logger.message(f"training {what} for {n_steps} steps of {batch_size} tokens on a "
+                       f"{mesh.shape['data']} x {mesh.shape['model']} (data x model) mesh")
+
+    def save_checkpoint(step: int) -> None:
+        for m, (model_state, opt_state, trainer_state) in zip(members, states):
+            meta = {"step": step, "batch_index": step, "tokens": step * batch_size, "seed": cfg.seed,
+                    "scale_in": m.scale_in, "scale_out": m.scale_out, "signature": m.signature}
+            m.checkpointer.save(step, model_state, opt_state, trainer_state, meta)
+
+    def check_finite(step: int, outs) -> None:
+        """Stop at the first step whose loss or parameters are not finite (checkpoints stay as they were)."""
+        flags = jax.device_get([(o["finite"], o["loss"]) for o in outs])
+        for m, (finite, loss) in zip(members, flags):
+            if not finite:
+                for c in members:
+                    c.checkpointer.wait()
+                last = common_step([c.checkpointer for c in members])
+                kept = (f"the last good checkpoint is step {last} in {m.spec.folder / CHECKPOINT_DIR}"
+                        if last is not None else "no checkpoint was written yet")
+                what = f"the loss is {loss}" if not np.isfinite(loss) else "a parameter turned nan or inf"
+                raise NonFiniteLoss(
+                    f"decomposer {m.spec.name!r}: {what} at step {step} of {n_steps}; training stopped "
+                    f"and {kept}. Lower train.lr (now {m.lr}), add warm-up, or check the cache for bad values."
+                )
+
+    batches = source.iterate(start)
+    history: list[list[dict[str, jax.Array]]] = []
+    pending: tuple[int, Any] | None = None
+    tic, tic_step = time.perf_counter(), start
+    failed = True
+    try:
+        for step in range(start + 1, n_steps + 1):
+            raw = next(batches)
+            batch = sharding.put_batch({k: raw[k] for k in keys}, batch_sharding)
+            states, outs = step_fn(states, batch)
+            if pending is not None:
+                check_finite(*pending)  # the previous step's loss: keeps one step in flight
+            pending = (step, outs)
+            history.append(outs)
+            logger.advance()
+            at_log, at_ckpt = step % cfg.log_every == 0 or step == n_steps, step % cfg.checkpoint_every == 0 or step == n_steps
+            if at_log or at_ckpt:
+                check_finite(*pending)
+                pending = None
+            if at_log:
+                host = jax.device_get(history)
+                seconds = time.perf_counter() - tic
+                records = {}
+                for i, m in enumerate(members):
+                    record = {k: float(np.mean([h[i][k] for h in host])) for k in host[0][i] if k != "finite"}
+                    record.update({k: float(host[-1][i][k]) for k in LAST_VALUE})
+                    record.update(tokens=step * batch_size, tokens_per_s=(step - tic_step) * batch_size / max(seconds, 1e-9))
+                    records[m.spec.name] = record
+                logger.log(step, records)
+                history, tic, tic_step = [], time.perf_counter(), step
+            if at_ckpt:
+                save_checkpoint(step)
+        for m in members:
+            m.checkpointer.wait()
+        if main_process:
+            for m, state in zip(members, states):
+                _save_final(m, state, cfg, n_steps, batch_size)
+        failed = False
+    finally:
+        batches.close()
+        for m in members:
+            m.checkpointer.close()
+        logger.close(failed=failed)
+    return {m.spec.name: m.spec.folder for m in members}
+
+
+def _save_final(m: _Member, state, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:
+    """Fold the input scales into a copy of the trained decomposer and write the native format."""
+    model_state = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), state[0])
+    model = nnx.merge(m.model_def, model_state)
+    model.fold_input_scale(m.scale_in, m.scale_out)
+    extra = {"trained_steps": n_steps, "trained_tokens": n_steps * batch_size, "lr": m.lr,
+             "input_scale": m.scale_in, "output_scale": m.scale_out, "train": dataclasses.asdict(cfg)}
+    base.save(model, m.spec.folder, extra=extra)

@@ -1,0 +1,107 @@
+"""Device layout for training: a ("data", "model") mesh, the batch split over "data", latents over "model".
+
+Single device: a 1 x 1 mesh, and every function here is a plain device_put. Several devices in one
+process: `XLA_FLAGS=--xla_force_host_platform_device_count=N` simulates them on a CPU. Several hosts:
+call `initialize_distributed` first; every process then loads the same global batch (deterministic
+loader) and hands the devices it owns their slice of it (`make_array_from_callback`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+
+
+def make_mesh(data: int = 0, model: int = 1, devices: list | None = None) -> Mesh:
+    """A data x model mesh over `devices` (default: all); data = 0 uses every device left over."""
+    devices = list(jax.devices() if devices is None else devices)
+    if model <= 0 or len(devices) % model:
+        raise ValueError(f"mesh_model = {model} must be positive and divide the {len(devices)} device(s)")
+    data = data or len(devices) // model
+    if data * model != len(devices):
+        if data * model > len(devices):
+            raise ValueError(f"a {data} x {model} mesh needs {data * model} devices; there are {len(devices)}")
+        devices = devices[: data * model]
+    return Mesh(np.array(devices).reshape(data, model), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over the data axis, features replicated."""
+    return NamedSharding(mesh, P("data", None))
+
+
+def latent_sharding(mesh: Mesh, shape: tuple[int, ...], n_features: int) -> NamedSharding:
+    """Shard the first axis of length n_features over "model" (when it divides); replicate the rest.
+
+    Every latent-indexed array (encoder columns, decoder rows, encoder bias, thresholds, dead
+    counters, and the Adam moments of each) thereby lives beside its latents."""
+    model = mesh.shape["model"]
+    spec: list[str | None] = [None] * len(shape)
+    if model > 1 and n_features % model == 0:
+        for axis, size in enumerate(shape):
+            if size == n_features:
+                spec[axis] = "model"
+                break
+    return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, n_features: int) -> Any:
+    return jax.tree.map(lambda x: latent_sharding(mesh, np.shape(x), n_features), tree)
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put every leaf of `tree` on the mesh with its sharding; works across processes too (each
+    process passes the same full value and keeps the shards its devices own)."""
+
+    def put(x, sharding):
+        if _is_key(x):
+            impl = jax.random.key_impl(x)
+            data = put(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+            return jax.random.wrap_key_data(data, impl=impl)
+        host = np.asarray(to_host(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    rows = next(iter(batch.values())).shape[0]
+    data = sharding.mesh.shape["data"]
+    if rows % data:
+        raise ValueError(f"batch_size {rows} must be a multiple of the mesh's data axis ({data} devices)")
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+
+
+def to_host(x: Any) -> Any:
+    """A numpy copy of an array, gathering it from every process when it spans hosts."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if _is_key(x):
+        return x
+    return np.asarray(x)
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """Join a multi-process JAX job (before any other JAX call).
+
+    With no arguments JAX detects the cluster (SLURM, Open MPI, TPU pods, Kubernetes); otherwise all
+    three are needed. On CPU the collectives go through gloo (two processes on one machine work)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU devices use it
+    kwargs: dict[str, Any] = {}
+    if coordinator_address:
+        if num_processes <= 0 or process_id < 0:
+            raise ValueError("train.coordinator_address needs train.num_processes and train.process_id as well")
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+
