@@ -140,8 +140,6 @@ def read_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts
         ids = ids.to(device)
         with torch.no_grad(), capture(model, list(hookpoints), stop_early=not with_loss) as acts:
             out = run_forward(model, ids)
-        if with_loss:
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
         for r, i in enumerate(idx):
             st, n = int(starts[i]), len(seqs[i])
             for h in hookpoints:
@@ -150,8 +148,7 @@ def read_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts
                 if h.name in tokens:
                     tokens[h.name][i] = a
             if with_loss:
-                tgt = ids[r, st:n]
-                loss[i] = float(-logp[r, st - 1: n - 1].gather(-1, tgt[:, None]).mean())
+                loss[i] = float(torch.nn.functional.cross_entropy(out.logits[r, st - 1: n - 1].float(), ids[r, st:n]))
     return ReadOut({k: np.stack(v) for k, v in pooled.items()}, tokens, loss)
 
 

@@ -31,6 +31,19 @@ STEERING_COLUMNS = [  # keys of a steering record's "summary"
 ]
 
 
+def json_safe(x: Any) -> Any:
+    """Plain JSON: NaN and infinities become None (null), numpy scalars and arrays become Python values."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy scalar or array
+        return json_safe(x.tolist())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
 def check_same_keys(records: list[dict[str, Any]]) -> None:
     """Every record must have the same keys: a comparison table with holes in it is a bug upstream."""
     if not records:
@@ -193,8 +206,11 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
 def write_report(out: Path, meta: dict[str, Any], records: list[dict[str, Any]],
                  steering: dict[str, Any] | None = None) -> None:
     """metrics.json, report.md and plots/ under out."""
+    records = json_safe(records)
+    steering = json_safe(steering) if steering else None
     check_same_keys(records)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"meta": meta, "decomposers": records}, indent=1, allow_nan=False))
+    (out / "metrics.json").write_text(json.dumps(json_safe({"meta": meta, "decomposers": records}), indent=1,
+                                                 allow_nan=False))
     plots = plot_all(records, out / "plots", steering)
     (out / "report.md").write_text(markdown(meta, records, steering, [f"plots/{p}" for p in plots]))

@@ -110,8 +110,8 @@ class SteeringConfig:
     n_prompts: int = 16  # neutral prompts (first n of NEUTRAL_PROMPTS) for calibration and generation
     samples_per_prompt: int = 2
     max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 0.95
+    temperature: float = 0.7  # sampled, not greedy (greedy continuations repeat)
+    top_p: float = 1.0
     n_features: int = 4  # live features sampled per decomposer (unsupervised part; 0 skips it)
     output_top_k: int = 10  # top tokens of a feature's vocabulary projection
     concepts: list[str] = field(default_factory=lambda: list(TOPICS))  # [] skips the supervised part
@@ -122,6 +122,8 @@ class SteeringConfig:
     windows_per_class: int = 48  # training windows per concept (and 2x for "other")
     held_out_windows: int = 24  # held-out windows per class
     judge_samples_per_prompt: int = 2  # unsteered continuations of JUDGE_PROMPTS as negatives
+    lexical_docs_per_label: int = 300  # training documents per label for the lexical judge
+    probe_l2: float = 1.0
     n_random: int = 1  # random directions per hookpoint
     loss_margin: float = 1.0  # fluency gate: loss within this many nats of unsteered
     bigram_frac: float = 0.8  # fluency gate: distinct-bigram share at least this fraction of unsteered
@@ -129,7 +131,7 @@ class SteeringConfig:
     tol: float = 0.02  # calibration: relative KL tolerance
     max_forwards: int = 16  # calibration: forward passes per target at most
     cache_rows: int = 20000  # eval-split cache rows for feature firing statistics
-    batch_size: int = 16
+    batch_size: int = 32  # generation batch (reading uses half)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -300,7 +302,7 @@ class _Evaluation:
             hps.update({h.name: h for h in self.hp_in.values()})
         read = read_sequences(self.model, seqs, starts, list(hps.values()),
                               keep_tokens=[h.name for h in self.hp_in.values()] if with_features else [],
-                              with_loss=True, batch_size=self.cfg.batch_size)
+                              with_loss=True, batch_size=max(1, self.cfg.batch_size // 2))
         means = {}
         if with_features:
             for n, d in self.decs.items():
@@ -467,7 +469,7 @@ def _labelled_windows(ev: _Evaluation, rng: np.random.Generator) -> dict:
         raise ValueError(f"concept(s) {unknown} are not labels of {cfg.corpus}; its labels are {labels}")
     train_docs, test_docs = split_documents(docs, 0.25, cfg.seed)
     hps = {ev.probe_hp.name: ev.probe_hp, **ev.steer_hps, **{h.name: h for h in ev.hp_in.values()}}
-    out = {}
+    out = {"train_docs": train_docs}
     for split, split_docs, per_class in (("train", train_docs, cfg.windows_per_class), ("test", test_docs, cfg.held_out_windows)):
         seqs, labs = [], []
         others = [l for l in labels if l not in cfg.concepts]
@@ -483,7 +485,7 @@ def _labelled_windows(ev: _Evaluation, rng: np.random.Generator) -> dict:
             labs += [o] * len(w)
         ev.log(f"steering: reading {len(seqs)} {split} windows of {cfg.window_tokens} tokens")
         read = read_sequences(ev.model, seqs, [1] * len(seqs), list(hps.values()),
-                              keep_tokens=[h.name for h in ev.hp_in.values()], batch_size=ev.cfg.batch_size)
+                              keep_tokens=[h.name for h in ev.hp_in.values()], batch_size=max(1, ev.cfg.batch_size // 2))
         out[split] = {"seqs": seqs, "labels": np.array(labs), "pooled": read.pooled, "tokens": read.tokens,
                       "texts": [ev.tok.decode(s[1:], skip_special_tokens=True) for s in seqs]}
     return out
@@ -536,9 +538,10 @@ def _train_judge(ev: _Evaluation, windows, base: Generations, ref: FluencyRefere
     neg = ev.read_generations(ev.generate(jp, cfg.judge_samples_per_prompt, cfg.seed + 1), rep, with_features=False)
     tr, te = windows["train"], windows["test"]
     x = np.concatenate([tr["pooled"][ev.probe_hp.name], neg.probe_x])
-    texts = list(tr["texts"]) + neg.texts
     labels = list(tr["labels"]) + ["other"] * len(neg.texts)
-    judge = ConceptJudge.fit(cfg.concepts, ev.probe_hp.name, x, texts, labels)
+    lex_texts, lex_labels = _lexical_training_text(windows["train_docs"], cfg.lexical_docs_per_label)
+    judge = ConceptJudge.fit(cfg.concepts, ev.probe_hp.name, x, labels, lex_texts + neg.texts,
+                             lex_labels + ["other"] * len(neg.texts), l2=cfg.probe_l2)
     acc = judge.accuracy(te["pooled"][ev.probe_hp.name], te["texts"], te["labels"])
     p, l = judge.predict(base.probe_x, base.texts)
     fluent = ref.gate(base.loss, base.bigram)
@@ -554,6 +557,18 @@ def _train_judge(ev: _Evaluation, windows, base: Generations, ref: FluencyRefere
               "base_rate_any_concept": {"probe": float((p < len(cfg.concepts)).mean()),
                                         "lexical": float((l < len(cfg.concepts)).mean())}}
     return judge, report
+
+
+def _lexical_training_text(docs, per_label: int, max_chars: int = 3000) -> tuple[list[str], list[str]]:
+    """Up to per_label training documents of each label (first max_chars characters): text is cheap, so
+    the lexical judge sees far more of it than the probe's windows."""
+    texts, labels, count = [], [], {}
+    for d in docs:
+        if count.get(d.label, 0) < per_label:
+            count[d.label] = count.get(d.label, 0) + 1
+            texts.append(d.text[:max_chars])
+            labels.append(d.label)
+    return texts, labels
 
 
 def _fluency(ref: FluencyReference, g: Generations) -> dict[str, float]:

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import pkgutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from dictlearn.activations.cache import ActivationCache, CacheError, to_float32
+from dictlearn.activations.cache import ActivationCache, to_float32
+from eval.report import json_safe
 
 RECORDS = "records"
 
@@ -49,7 +49,6 @@ class EvalConfig:
     n_vocab_tokens: int = 10  # promoted tokens per card
     decomposers: list[str] = field(default_factory=list)  # names to evaluate ([]: every one under decomposers/)
     cache: str = ""  # the activation cache ("": train.cache, else <out_dir>/cache)
-    device: str = "cpu"  # where the language model runs
     torch_threads: int = 0  # torch intra-op threads (0: torch's default; 1 is fastest on a busy shared CPU)
     seed: int = 0
     steering: dict[str, Any] | None = None  # the [eval.steering] table (eval.steering.SteeringConfig); absent: no steering
@@ -155,26 +154,16 @@ def downstream_sequences(cache: ActivationCache, n: int, context: int = 0) -> np
 
 
 # --- the suite --------------------------------------------------------------------------------------------------
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy -> Python."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 DOWNSTREAM_KEYS = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_increase", "ce_loss_score", "kl_spliced",
                    "kl_ablated", "kl_score", "n_downstream_tokens")
 
 
 def evaluate_run(root: Path, cfg: EvalConfig, force: bool = False, log: Callable[[str], None] = print,
-                 cache_path: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every decomposer under root/decomposers against the cache; write root/eval. Returns metrics."""
+                 cache_path: Path | None = None, model_config: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every decomposer under root/decomposers against the cache; write root/eval. Returns metrics.
+
+    model_config: a `ModelConfig` (the run's [model] table) to load the model with; None: the cache's model
+    on the CPU. Either way its weights must be the ones the cache was harvested from."""
     from dictlearn.decomposers.base import load
 
     t_start = time.perf_counter()
@@ -210,7 +199,7 @@ def evaluate_run(root: Path, cfg: EvalConfig, force: bool = False, log: Callable
         recon = _reconstruction(cache, todo, cfg, log, progress)
         needs_model = cfg.n_downstream_sequences > 0 or cfg.n_feature_cards > 0 or steering_cfg is not None
         if needs_model:
-            model = _load_model(cache, cfg)
+            model = _load_model(cache, cfg, model_config)
         down = _downstream(model, cache, todo, cfg, log, progress) if cfg.n_downstream_sequences > 0 else ({}, 0.0)
         for n, d in todo.items():
             t0 = time.perf_counter()
@@ -228,11 +217,11 @@ def evaluate_run(root: Path, cfg: EvalConfig, force: bool = False, log: Callable
                 "fingerprint": fingerprints[n],
             }
             (out / RECORDS).mkdir(parents=True, exist_ok=True)
-            (out / RECORDS / f"{n}.json").write_text(json.dumps(_clean(records[n]), indent=1))
+            (out / RECORDS / f"{n}.json").write_text(json.dumps(json_safe(records[n]), indent=1))
 
     steering = None
     if steering_cfg is not None:
-        steering = _steering(root, out, cache, decomposers, fingerprints, steering_cfg, cfg, model, log)
+        steering = _steering(out, cache, decomposers, fingerprints, steering_cfg, cfg, model, model_config, log)
         for n in records:
             rec = (steering or {}).get("records", {}).get(n)
             records[n]["steering"] = rec.get("summary") if rec else None
@@ -241,13 +230,13 @@ def evaluate_run(root: Path, cfg: EvalConfig, force: bool = False, log: Callable
 
     meta = {"cache": str(cache.path), "model": cache.model_name, "n_eval_rows": cfg.n_eval_rows,
             "eval_config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - t_start}
-    ordered = [_clean(records[n]) for n in decomposers]
-    write_report(out, meta, ordered, steering=_clean(steering) if steering else None)
+    ordered = [json_safe(records[n]) for n in decomposers]
+    write_report(out, meta, ordered, steering=json_safe(steering) if steering else None)
     log(f"eval: wrote {out / 'metrics.json'} and {out / 'report.md'} in {meta['seconds']:.0f} s")
     return {"meta": meta, "decomposers": ordered}
 
 
-def _load_model(cache: ActivationCache, cfg: EvalConfig):
+def _load_model(cache: ActivationCache, cfg: EvalConfig, model_config: Any = None):
     import torch
 
     from dictlearn.activations.models import load_model
@@ -255,7 +244,7 @@ def _load_model(cache: ActivationCache, cfg: EvalConfig):
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     info = cache.manifest["model"]
-    loaded = load_model(info["name"], dtype=info.get("dtype", "float32"), device=cfg.device)
+    loaded = model_config.load() if model_config is not None else load_model(info["name"], dtype=info.get("dtype", "float32"))
     if info.get("fingerprint") and loaded.fingerprint != info["fingerprint"]:
         raise EvalError(f"the model {info['name']!r} now has weights {loaded.fingerprint}, but the cache was harvested "
                         f"from {info['fingerprint']}; harvest and train again, or point eval.cache at a matching cache")
@@ -348,7 +337,7 @@ def _steering_config(cfg: EvalConfig):
     return from_dict(SteeringConfig, cfg.steering, where="[eval.steering]")
 
 
-def _steering(root, out, cache, decomposers, fingerprints, steering_cfg, cfg, loaded, log) -> dict | None:
+def _steering(out, cache, decomposers, fingerprints, steering_cfg, cfg, loaded, model_config, log) -> dict | None:
     """Run eval.steering over every decomposer (reused while no decomposer and no option changed)."""
     from eval.steering import evaluate_steering
 
@@ -360,10 +349,10 @@ def _steering(root, out, cache, decomposers, fingerprints, steering_cfg, cfg, lo
             log("eval: reusing steering.json (unchanged)")
             return old
     if loaded is None:
-        loaded = _load_model(cache, cfg)
+        loaded = _load_model(cache, cfg, model_config)
     t0 = time.perf_counter()
     result = evaluate_steering(loaded.model, loaded.tokenizer, decomposers, cache, steering_cfg, log=log)
-    result = _clean({**result, "fingerprint": key, "seconds": time.perf_counter() - t0})
+    result = json_safe({**result, "fingerprint": key, "seconds": time.perf_counter() - t0})
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     log(f"eval: steering in {result['seconds']:.0f} s")

@@ -74,3 +74,28 @@ def smol_grad_cache(smol, tmp_path_factory):
     config = HarvestConfig(hookpoints=["resid_post.10"], gradients=["resid_post.10"], n_tokens=2048,
                            batch_size=4, shard_mb=0.6, eval_fraction=0.25)
     return harvest(smol, corpus, config, tmp_path_factory.mktemp("smol_grad_cache") / "cache", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_gpt2, smol):
+    """The tiny random GPT-2 wrapped as a LoadedModel with the SmolLM2 tokenizer (fast harvests)."""
+    from dictlearn.activations.models import LoadedModel
+
+    return LoadedModel(model=tiny_gpt2, tokenizer=smol.tokenizer, name="tiny-gpt2", fingerprint="test:tiny-gpt2")
+
+
+@pytest.fixture
+def tiny_harvest(tiny_loaded, tmp_path):
+    """harvest_fn(**harvest_overrides) -> ActivationCache: a small, fast cache from the tiny GPT-2 on the real
+    corpus (default: 4,096 tokens, context 64, resid_post.1 + mlp_hidden.1, float32, 8 shards, 2 eval)."""
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig, harvest
+
+    def make(out=None, context_length=64, **overrides):
+        kw = dict(hookpoints=["resid_post.1", "mlp_hidden.1"], n_tokens=4096, dtype="float32", batch_size=4,
+                  shard_mb=0.25, eval_fraction=0.25)
+        kw.update(overrides)
+        corpus = CorpusConfig(path=str(CORPUS), context_length=context_length)
+        return harvest(tiny_loaded, corpus, HarvestConfig(**kw), out or tmp_path / "cache", progress=False)
+
+    return make

@@ -341,3 +341,43 @@ def test_cli_refuses_unverifiable_cache(cli_run, capsys):
     err = capsys.readouterr().err
     assert "does not verify" in err and "shard-00001.safetensors" in err and "truncated" in err
     assert not (out / "decomposers").exists()
+
+
+def test_topk_trains_on_real_smol_cache(smol_cache, tmp_path):
+    """`dictlearn train` with a real kind on real SmolLM2 activations (resid_post.10, bfloat16 cache)."""
+    from dictlearn.activations.loader import BatchLoader
+    from dictlearn.cli import main
+    from trainers.logging import read_log
+
+    config = tmp_path / "smol.toml"
+    config.write_text(f"""
+out_dir = "{tmp_path / 'run'}"
+[train]
+cache = "{smol_cache.path}"
+batch_size = 256
+n_steps = 40
+lr = 2e-3
+warmup_steps = 4
+log_every = 10
+checkpoint_every = 40
+sample_tokens = 2048
+progress = false
+[wandb]
+mode = "disabled"
+[[decomposers]]
+name = "topk4x"
+kind = "topk"
+hookpoint_in = "resid_post.10"
+expansion = 4
+k = 32
+""")
+    assert main(["train", str(config)]) == 0
+    folder = tmp_path / "run" / "decomposers" / "topk4x"
+    log = read_log(folder / "train_log.jsonl")
+    assert [r["step"] for r in log] == [10, 20, 30, 40]
+    assert log[-1]["fvu"] < 0.7 * log[0]["fvu"] and log[-1]["l0"] == pytest.approx(32)
+    saved = base.load(folder)
+    assert (saved.config.d_in, saved.config.n_features, saved.kind) == (576, 2304, "topk")
+    x = BatchLoader(smol_cache, ["resid_post.10"], 512, split="eval").batch(0)["resid_post.10"]
+    fvu = float(np.sum((np.asarray(saved(jnp.asarray(x))) - x) ** 2) / np.sum((x - x.mean(0)) ** 2))
+    assert fvu < 1.2 * log[-1]["fvu"] + 0.05, (fvu, log[-1]["fvu"])  # held-out raw rows, scale folded in

@@ -329,7 +329,7 @@ def train(
 
     def check_finite(step: int, outs) -> None:
         """Stop at the first step whose loss or parameters are not finite (checkpoints stay as they were)."""
-        flags = jax.device_get([(o["finite"], o["loss"]) for o in outs])
+        flags = sharding.fetch([(o["finite"], o["loss"]) for o in outs])
         for m, (finite, loss) in zip(members, flags):
             if not finite:
                 for c in members:
@@ -363,7 +363,7 @@ def train(
                 check_finite(*pending)
                 pending = None
             if at_log:
-                host = jax.device_get(history)
+                host = sharding.fetch(history)
                 seconds = time.perf_counter() - tic
                 records = {}
                 for i, m in enumerate(members):
@@ -377,9 +377,10 @@ def train(
                 save_checkpoint(step)
         for m in members:
             m.checkpointer.wait()
-        if main_process:
-            for m, state in zip(members, states):
-                _save_final(m, state, cfg, n_steps, batch_size)
+        for m, state in zip(members, states):
+            model_state = sharding.fetch(state[0])  # on every process: gathering may be a collective
+            if main_process:
+                _save_final(m, model_state, cfg, n_steps, batch_size)
         failed = False
     finally:
         batches.close()
@@ -389,10 +390,9 @@ def train(
     return {m.spec.name: m.spec.folder for m in members}
 
 
-def _save_final(m: _Member, state, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:
+def _save_final(m: _Member, model_state, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:
     """Fold the input scales into a copy of the trained decomposer and write the native format."""
-    model_state = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), state[0])
-    model = nnx.merge(m.model_def, model_state)
+    model = nnx.merge(m.model_def, jax.tree.map(jnp.asarray, model_state))
     model.fold_input_scale(m.scale_in, m.scale_out)
     extra = {"trained_steps": n_steps, "trained_tokens": n_steps * batch_size, "lr": m.lr,
              "input_scale": m.scale_in, "output_scale": m.scale_out, "train": dataclasses.asdict(cfg)}

@@ -82,14 +82,22 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 
 
 def to_host(x: Any) -> Any:
-    """A numpy copy of an array, gathering it from every process when it spans hosts."""
+    """A numpy copy of an array. An array spanning several processes is read from this process's
+    replica when it is replicated, else gathered (a collective: every process must call it)."""
+    if _is_key(x):
+        return x
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    if _is_key(x):
-        return x
     return np.asarray(x)
+
+
+def fetch(tree: Any) -> Any:
+    """`to_host` over a pytree (metrics, states): jax.device_get that also works across processes."""
+    return jax.tree.map(to_host, tree)
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:

@@ -35,7 +35,7 @@ class CorpusConfig:
     path: str  # local file or folder, or a Hugging Face dataset name (needs the `datasets` extra)
     field: str = "text"  # JSON / parquet / dataset column holding the text
     context_length: int = 128  # tokens per packed sequence
-    prepend_bos: str = "auto"  # "auto" (when the tokenizer adds BOS itself), "true" or "false"
+    prepend_bos: bool | str = "auto"  # "auto" (when the tokenizer adds BOS itself), true or false
     dataset_config: str | None = None  # Hugging Face dataset configuration name
     split: str = "train"  # Hugging Face dataset split
 

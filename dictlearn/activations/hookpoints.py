@@ -72,7 +72,7 @@ def _alias_target(model: torch.nn.Module, alias: str, layer: int) -> tuple[str, 
     layers = decoder_layers_path(model)
     count = len(model.get_submodule(layers))
     if not 0 <= layer < count:
-        raise HookpointError(f"hookpoint {alias}.{layer}: layer {layer} is out of range; the model has layers 0..{count - 1}")
+        raise HookpointError(f"hookpoint {alias}.{layer}: layer {layer} is out of range; {valid_hookpoints_help(model)}")
     block_path = f"{layers}.{layer}"
     block = model.get_submodule(block_path)
     if alias == "resid_pre":
@@ -138,8 +138,26 @@ def resolve(model: torch.nn.Module, names: list[str] | str, probe_widths: bool =
     return out
 
 
+def _static_width(model: torch.nn.Module, h: Hookpoint) -> int | None:
+    """Width read off the module's shape (linear layers, decoder blocks and their MLP / attention), or None."""
+    module = model.get_submodule(h.module_path)
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features if h.site == "input" else module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2's transposed linear
+        return int(module.weight.shape[0 if h.site == "input" else 1])
+    alias = re.fullmatch(r"([a-z_]+)\.\d+", h.name)
+    if alias and alias.group(1) in ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out"):
+        embed = model.get_input_embeddings()
+        return int(embed.embedding_dim) if embed is not None else None
+    return None
+
+
 def _with_widths(model: torch.nn.Module, hps: list[Hookpoint]) -> list[Hookpoint]:
-    """Measure each hookpoint's width with a two-token forward (works for any module path)."""
+    """Each hookpoint's width: read off the module when that is unambiguous, else measured with a
+    two-token forward (works for any module path)."""
+    widths = [_static_width(model, h) for h in hps]
+    if all(w is not None for w in widths):
+        return [Hookpoint(h.name, h.module_path, h.site, h.layer, w) for h, w in zip(hps, widths)]
     device = next(model.parameters()).device
     with torch.no_grad(), capture(model, hps, stop_early=True) as acts:
         run_forward(model, torch.zeros((1, 2), dtype=torch.long, device=device))

@@ -48,7 +48,7 @@ class BatchLoader:
         if bad:
             raise CacheError(f"the cache at {cache.path} has no {', '.join(map(repr, bad))}; it holds: {', '.join(valid)}")
         self.cache, self.keys, self.batch_size, self.split = cache, list(keys), int(batch_size), split
-        self.seed, self.mix_shards, self.prefetch, self.as_jax = seed, max(1, int(mix_shards)), max(1, int(prefetch)), as_jax
+        self.seed, self.mix_shards, self.prefetch, self.as_jax = seed, max(1, int(mix_shards)), max(0, int(prefetch)), as_jax
         self.shard_ids = cache.shard_ids(split)
         self._shard_rows = {i: cache.shards[i]["rows"] for i in self.shard_ids}
         n = self.rows()
@@ -102,6 +102,12 @@ class BatchLoader:
             stream.close()
             epoch, j = epoch + 1, 0
 
+    @staticmethod
+    def _to_jax(batch: dict[str, np.ndarray]) -> dict:
+        import jax
+
+        return {k: jax.device_put(v) for k, v in batch.items()}
+
     # --- public ----------------------------------------------------------------------------------------
     def batch(self, index: int) -> dict[str, np.ndarray]:
         """Batch number `index` alone (loads its window; for checks and tests)."""
@@ -112,7 +118,12 @@ class BatchLoader:
             gen.close()
 
     def iterate(self, start_batch: int = 0) -> Iterator[dict]:
-        """Endless batches from `start_batch` on (epochs reshuffled), prefetched on a background thread."""
+        """Endless batches from `start_batch` on (epochs reshuffled), prefetched on a background thread
+        (`prefetch` batches ahead; 0 reads in the caller's thread)."""
+        if self.prefetch == 0:
+            for b in self._batches(start_batch):
+                yield self._to_jax(b) if self.as_jax else b
+            return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()
@@ -129,11 +140,7 @@ class BatchLoader:
         def produce():
             try:
                 for b in self._batches(start_batch):
-                    if self.as_jax:
-                        import jax
-
-                        b = {k: jax.device_put(v) for k, v in b.items()}
-                    if not put(b):
+                    if not put(self._to_jax(b) if self.as_jax else b):
                         return
             except BaseException as e:  # handed to the consumer
                 put(e)

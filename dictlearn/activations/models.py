@@ -36,6 +36,21 @@ def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 @dataclass
+class ModelConfig:
+    """The `[model]` table of a run config (the arguments of `load_model`)."""
+
+    name: str  # hub id, local folder, or .gguf file
+    dtype: str = "float32"
+    device: str = "cpu"
+    cache_dir: str | None = None  # where converted GGUF models are kept (default ~/.cache/dictlearn)
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def load(self) -> "LoadedModel":
+        return load_model(self.name, self.dtype, self.device, self.cache_dir, self.trust_remote_code, self.revision)
+
+
+@dataclass
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object

@@ -30,16 +30,19 @@ class EvalArgs:
 
 
 def evaluate(args: EvalArgs) -> int:
+    from dictlearn.activations.models import ModelConfig
     from dictlearn.cli.common import out_dir, read_run_config
     from dictlearn.config import from_dict
     from eval.suite import EvalConfig, evaluate_run
 
     data = read_run_config(args.config, args.set)
     cfg = from_dict(EvalConfig, data.get("eval", {}), where=f"{args.config} [eval]")
+    model = from_dict(ModelConfig, data["model"], where=f"{args.config} [model]") if "model" in data else None
     if args.only:
         cfg.decomposers = list(args.only)
     cache = cfg.cache or data.get("train", {}).get("cache") or ""
-    evaluate_run(out_dir(data, args.config), cfg, force=args.force, cache_path=Path(cache) if cache else None)
+    evaluate_run(out_dir(data, args.config), cfg, force=args.force, cache_path=Path(cache) if cache else None,
+                 model_config=model)
     return 0
 
 

@@ -14,9 +14,7 @@ hyper-parameters. d_in and d_out come from the cache's hookpoint widths.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import pkgutil
 import re
 import sys
 from dataclasses import dataclass, field
@@ -40,12 +38,10 @@ class TrainArgs:
 
 
 def load_kinds() -> dict[str, type]:
-    """Import every module of dictlearn.decomposers so each kind registers itself."""
-    import dictlearn.decomposers as pkg
+    """Every registered decomposer kind (importing the package registers them)."""
+    import dictlearn.decomposers  # noqa: F401
     from dictlearn.decomposers import base
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
     return base.REGISTRY
 
 

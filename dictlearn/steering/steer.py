@@ -152,7 +152,7 @@ def clamp(
 
     def apply(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).cpu().numpy()
-        d = torch.from_numpy(change(flat)).reshape(h.shape).to(device=h.device, dtype=h.dtype)
+        d = torch.from_numpy(np.array(change(flat))).reshape(h.shape).to(device=h.device, dtype=h.dtype)
         return h + d
 
     if same:

@@ -1,0 +1,70 @@
+"""`dictlearn harvest CONFIG.toml [--set key=value]...`
+
+Runs the `[model]` over the `[corpus]` and stores the `[harvest]` hookpoints in `<out_dir>/cache`.
+Prints the estimated size first and refuses when the disk lacks room; a progress bar shows tokens/s and
+the time left. Killed at any moment, the same command continues after the last complete shard; a cache
+made with a different config is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+
+@dataclass
+class HarvestArgs:
+    config: Annotated[Path, tyro.conf.Positional]
+    """the run config (TOML)"""
+    set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """config override key.path=value (repeatable), e.g. --set harvest.n_tokens=200000"""
+
+
+def configs_from(data: dict, where: str):
+    """(ModelConfig, CorpusConfig, HarvestConfig) from a run config's tables (strict: unknown keys fail)."""
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig
+    from dictlearn.activations.models import ModelConfig
+    from dictlearn.config import ConfigError, from_dict
+
+    out = []
+    for section, cls in (("model", ModelConfig), ("corpus", CorpusConfig), ("harvest", HarvestConfig)):
+        if not isinstance(data.get(section), dict):
+            raise ConfigError(f"{where}: needs a [{section}] table")
+        out.append(from_dict(cls, data[section], where=f"{where}[{section}]"))
+    return tuple(out)
+
+
+def run(args: HarvestArgs) -> Path:
+    from dictlearn.activations.corpus import local_files, _is_local
+    from dictlearn.activations.harvest import harvest
+    from dictlearn.cli.common import out_dir, read_run_config
+
+    data = read_run_config(args.config, args.set)
+    model_cfg, corpus_cfg, harvest_cfg = configs_from(data, str(args.config))
+    if _is_local(corpus_cfg.path):
+        local_files(corpus_cfg.path)  # a bad corpus path fails before the model loads
+    out = out_dir(data, args.config) / "cache"
+    cache = harvest(model_cfg.load(), corpus_cfg, harvest_cfg, out)
+    print(cache.summary())
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = tyro.cli(HarvestArgs, args=argv, prog="dictlearn harvest", description=__doc__)
+    from dictlearn.activations.cache import CacheError
+    from dictlearn.activations.corpus import CorpusError
+    from dictlearn.activations.harvest import HarvestError
+    from dictlearn.activations.hookpoints import HookpointError
+    from dictlearn.config import ConfigError
+
+    try:
+        run(args)
+    except (ConfigError, CacheError, CorpusError, HarvestError, HookpointError, FileNotFoundError) as e:
+        print(f"dictlearn harvest: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,144 @@
+"""Steering evaluation: generation, the record schema on a tiny model, and DiffMean vs random on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dictlearn.activations.hookpoints import resolve
+from eval.judges import load_labelled_documents, read_sequences, sample_windows, split_documents
+from eval.steering import NEUTRAL_PROMPTS, SteeringConfig, evaluate_steering, generate_continuations, vocab_projection
+
+from _eval_decomposers import LinearReLU
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a shared 2-core machine one torch thread is several times faster than two fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(assets):
+    return str(assets / "english-corpus.jsonl.gz")
+
+
+def test_generation_is_seeded_and_steerable(tiny_gpt2):
+    hp = resolve(tiny_gpt2, "resid_post.1")[0]
+    prompts = [[5, 6, 7], [8]]
+    state = torch.random.get_rng_state()
+    a = generate_continuations(tiny_gpt2, prompts, 2, 5, 1.0, 1.0, seed=3, pad_id=0)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is untouched
+    b = generate_continuations(tiny_gpt2, prompts, 2, 5, 1.0, 1.0, seed=3, pad_id=0)
+    assert a == b and len(a) == 4 and all(len(c) == 5 for c in a)
+    assert a != generate_continuations(tiny_gpt2, prompts, 2, 5, 1.0, 1.0, seed=4, pad_id=0)
+    v = torch.zeros(hp.width)
+    v[0] = 1.0
+    steered = generate_continuations(tiny_gpt2, prompts, 2, 5, 1.0, 1.0, seed=3, pad_id=0, steer=(hp, v, 50.0))
+    assert steered != a
+
+
+def test_vocab_projection_is_the_logit_lens(tiny_gpt2):
+    d = np.random.default_rng(0).standard_normal(32).astype(np.float32)
+    proj = vocab_projection(tiny_gpt2, d)
+    ln = tiny_gpt2.transformer.ln_f.weight.detach().numpy()
+    assert np.allclose(proj, tiny_gpt2.lm_head.weight.detach().numpy() @ (ln * d), atol=1e-5)
+    assert vocab_projection(tiny_gpt2, np.ones(7, np.float32)) is None  # not a residual-stream direction
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="summary_kl"):
+        SteeringConfig(kl_targets=[0.1], summary_kl=0.5)
+    with pytest.raises(ValueError, match="signs"):
+        SteeringConfig(signs=[2])
+    with pytest.raises(ValueError, match="n_prompts"):
+        SteeringConfig(n_prompts=len(NEUTRAL_PROMPTS) + 1)
+
+
+def planted_decomposer(model, tokenizer, corpus: str, hp_name: str, n_features: int = 12) -> LinearReLU:
+    """A ReLU dictionary whose feature 0 reads (and writes) the sport-vs-rest mean difference; the rest random."""
+    hp = resolve(model, hp_name)[0]
+    docs = load_labelled_documents(corpus)
+    train, _ = split_documents(docs, 0.25, seed=123)
+    rng = np.random.default_rng(1)
+    sport = sample_windows([d for d in train if d.label == "sport"], tokenizer, 16, 32, rng)
+    rest = sample_windows([d for d in train if d.label != "sport"], tokenizer, 16, 32, rng)
+    x = read_sequences(model, sport + rest, [1] * 32, [hp]).pooled[hp.name]
+    dm = x[:16].mean(0) - x[16:].mean(0)
+    d = dm / np.linalg.norm(dm)
+    w = rng.standard_normal((hp.width, n_features)).astype(np.float32) / np.sqrt(hp.width)
+    w[:, 0] = d
+    b = np.zeros(n_features, np.float32)
+    b[0] = -float((x @ d).mean())  # fires on the sport side of the midpoint
+    return LinearReLU(w, b, w.T.copy(), np.zeros(hp.width, np.float32), hookpoint_in=hp_name)
+
+
+def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
+    """Every record has the same keys; the planted sport feature is the one chosen for sport."""
+    dec = planted_decomposer(tiny_gpt2, smol.tokenizer, corpus, "resid_post.1")
+    cfg = SteeringConfig(kl_targets=[0.002, 0.005], summary_kl=0.005, n_prompts=4, samples_per_prompt=1,
+                         max_new_tokens=6, n_features=2, concepts=["sport"], corpus=corpus, windows_per_class=16,
+                         held_out_windows=8, judge_samples_per_prompt=1, batch_size=8)
+    res = evaluate_steering(tiny_gpt2, smol.tokenizer, {"planted": dec}, None, cfg)
+    json.dumps(res)  # JSON-able
+    recs = res["records"]
+    assert set(recs) == {"planted", "diffmean@resid_post.1", "random@resid_post.1"}
+    keys = {k: set(r) for k, r in recs.items()}
+    assert len({frozenset(v) for v in keys.values()}) == 1
+    assert len({frozenset(r["summary"]) for r in recs.values()}) == 1
+    assert [r["kind"] for r in recs.values()] == ["test_linear_relu", "diffmean", "random"]
+    planted = recs["planted"]
+    assert planted["detection"]["sport"]["feature"] == 0 and planted["detection"]["sport"]["auc"] > 0.8
+    assert len(planted["feature_curve"]) == 2 and planted["feature_curve"][0]["n_features"] == 2
+    assert len(res["features"]["planted"]) == 2
+    for r in recs.values():
+        assert [e["kl_target"] for e in r["concept_curve"]] == [0.002, 0.005]
+        assert r["calibration"]["converged_fraction"] == 1.0 and r["calibration"]["rel_error_max"] <= 0.02
+        for e in r["concept_curve"]:
+            assert 0.0 <= e["concept_rate"] <= 1.0 and 0.0 <= e["fluency"] <= 1.0
+    curve_keys = {frozenset(e) - {"per_concept"} for r in recs.values() for e in r["concept_curve"]}
+    assert len(curve_keys) == 1
+    judges = res["judges"]
+    assert judges["classes"] == ["sport", "other"] and judges["probe_hookpoint"] == "resid_post.1"
+    assert set(judges["base_rate"]["sport"]) == {"probe", "lexical", "both", "judged"}
+
+
+def diffmean_vs_random(smol, corpus, n_prompts, samples, concepts, max_new_tokens=24, windows=(24, 8)):
+    cfg = SteeringConfig(kl_targets=[0.5], summary_kl=0.5, n_prompts=n_prompts, samples_per_prompt=samples,
+                         max_new_tokens=max_new_tokens, n_features=0, concepts=concepts, corpus=corpus,
+                         hookpoints=["resid_post.10"], windows_per_class=windows[0], held_out_windows=windows[1],
+                         judge_samples_per_prompt=1)
+    return evaluate_steering(smol.model, smol.tokenizer, {}, None, cfg)
+
+
+def test_diffmean_sport_beats_random_direction_at_equal_kl(smol, corpus):
+    """Issue 5: DiffMean for sport at resid_post.10, KL 0.5, raises the judged sport rate significantly
+    more than a random direction calibrated to the same KL (small version; the full one is marked slow)."""
+    res = diffmean_vs_random(smol, corpus, n_prompts=8, samples=2, concepts=["sport"])
+    dm = res["records"]["diffmean@resid_post.10"]["concept_curve"][0]
+    rnd = res["records"]["random@resid_post.10"]["concept_curve"][0]
+    assert abs(dm["kl"] - 0.5) <= 0.05 and abs(rnd["kl"] - 0.5) <= 0.05
+    assert dm["concept_rate"] > rnd["concept_rate"] and dm["p_value"] < 0.05, (dm, rnd)
+    judges = res["judges"]
+    assert judges["heldout_accuracy"]["probe"] > 0.75
+    assert judges["base_rate"]["sport"]["judged"] <= 0.125
+
+
+@pytest.mark.slow
+def test_diffmean_topics_beat_random_full_size(smol, corpus):
+    """The full-size version: 32 neutral prompts x 4 samples, every BBC topic, one random direction."""
+    topics = ["business", "entertainment", "politics", "sport", "tech"]
+    res = diffmean_vs_random(smol, corpus, n_prompts=32, samples=4, concepts=topics, max_new_tokens=32, windows=(48, 24))
+    curve = res["records"]["diffmean@resid_post.10"]["concept_curve"][0]
+    per = curve["per_concept"]
+    print(json.dumps({"judges": res["judges"], "diffmean": curve,
+                      "random": res["records"]["random@resid_post.10"]["concept_curve"][0]}, indent=1))
+    assert per["sport"]["p_value"] < 0.01 and per["sport"]["rate"] > per["sport"]["random_rate"]
+    assert curve["p_value"] < 0.001 and curve["significant"]
+    assert res["judges"]["heldout_accuracy"]["probe"] > 0.8
