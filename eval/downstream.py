@@ -37,6 +37,7 @@ import torch
 from flax import nnx
 
 from dictlearn.activations import hookpoints as hpmod
+from eval.reconstruction import reconstruct
 
 RESUME_TOLERANCE = 1e-3  # max |logit difference| between resumed and full forward to trust resuming
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
@@ -81,13 +82,12 @@ class ResumedForward:
 
 # --- splicing a decomposer in ----------------------------------------------------------------------------------
 def reconstruction_fn(decomposer: nnx.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """A jitted (N, d_in) -> (N, d_out) reconstruction on numpy arrays: the decomposer's __call__
-    (decode(encode(x)), plus the skip path of a skip transcoder)."""
+    """A jitted (N, d_in) -> (N, d_out) reconstruction on numpy arrays (see eval.reconstruction.reconstruct)."""
     graphdef, state = nnx.split(decomposer)
 
     @jax.jit
     def recon(state, x):
-        return nnx.merge(graphdef, state)(x)
+        return reconstruct(nnx.merge(graphdef, state), x)
 
     return lambda x: np.asarray(recon(state, jnp.asarray(x)))
 

@@ -201,7 +201,7 @@ def steering_site(model: torch.nn.Module, decomposer) -> tuple[Hookpoint, np.nda
     else:
         hp_name, dirs = decomposer.config.hookpoint_out, decomposer.features()
     hp = resolve(model, hp_name)[0]
-    dirs = np.asarray(dirs, np.float32)
+    dirs = np.array(dirs, np.float32)
     if dirs.ndim != 2 or dirs.shape[1] != hp.width:
         raise ValueError(f"steering directions of shape {dirs.shape} do not fit hookpoint {hp.name} (width {hp.width})")
     return hp, dirs
@@ -377,7 +377,7 @@ def evaluate_steering(model: torch.nn.Module, tokenizer, decomposers: dict, cach
         k = min(cfg.n_features, len(live))
         sampled[n] = sorted(int(i) for i in rng.choice(live, size=k, replace=False)) if k else []
         detection[n] = _best_features(ev, n, d, windows, live) if cfg.concepts else {}
-        best = [v["feature"] for v in detection[n].values()]
+        best = [v["feature"] for v in detection[n].values() if v["feature"] is not None]
         ev.tracked[n] = np.array(sorted(set(sampled[n]) | set(best)), int)
         ev.feature_max[n] = fmax
         log(f"steering: {n}: {len(live)}/{d.config.n_features} features live on {n_tok} tokens; "
@@ -425,7 +425,8 @@ def evaluate_steering(model: torch.nn.Module, tokenizer, decomposers: dict, cach
             detection={c: {"feature": v["feature"], "auc_train": v["auc_train"], "auc": v["auc"]} for c, v in det.items()},
             feature_curve=_feature_curve(ev, n, sampled[n], base, log),
             concept_curve=_concept_curve(ev, judge, ref, base, hp.name,
-                                         {c: ("feature", n, v["feature"]) for c, v in det.items()}, log),
+                                         {c: ("feature", n, v["feature"]) for c, v in det.items()
+                                          if v["feature"] is not None}, log),
         )
     for hp_name in ev.steer_hps:
         if cfg.concepts:
@@ -514,19 +515,28 @@ def _feature_stats(ev: _Evaluation, name: str, dec, windows) -> tuple[np.ndarray
 
 
 def _best_features(ev: _Evaluation, name: str, dec, windows, live: np.ndarray) -> dict[str, dict]:
-    """Per concept: the live feature whose mean code best detects the concept on training windows
-    (by ROC AUC), and its AUC on held-out windows."""
     hp = ev.hp_in[name].name
-    train_codes = pooled_codes(dec, windows["train"]["tokens"][hp])[0]
-    test_codes = pooled_codes(dec, windows["test"]["tokens"][hp])[0]
+    return best_feature_per_concept(dec, windows["train"]["tokens"][hp], windows["train"]["labels"],
+                                    windows["test"]["tokens"][hp], windows["test"]["labels"], ev.cfg.concepts, live)
+
+
+def best_feature_per_concept(dec, train_tokens: list[np.ndarray], train_labels: np.ndarray,
+                             test_tokens: list[np.ndarray], test_labels: np.ndarray, concepts: list[str],
+                             live: np.ndarray) -> dict[str, dict]:
+    """Per concept: the live feature whose mean code over a window best detects the concept on training
+    windows (ROC AUC), and that feature's AUC on held-out windows (chosen on one split, scored on another)."""
+    train_codes = pooled_codes(dec, train_tokens)[0]
+    test_codes = pooled_codes(dec, test_tokens)[0]
     out = {}
-    for c in ev.cfg.concepts:
-        auc = np.full(dec.config.n_features, 0.5)
-        if len(live):
-            auc[live] = detection_auc(train_codes[:, live], windows["train"]["labels"] == c)
-        f = int(np.argmax(auc))
-        out[c] = {"feature": f, "auc_train": float(auc[f]),
-                  "auc": float(detection_auc(test_codes[:, f], windows["test"]["labels"] == c)[0])}
+    live = np.asarray(live, int)
+    for c in concepts:
+        if len(live) == 0:  # nothing fires: no feature to steer with
+            out[c] = {"feature": None, "auc_train": None, "auc": None}
+            continue
+        auc = detection_auc(train_codes[:, live], np.asarray(train_labels) == c)
+        f = int(live[np.argmax(auc)])
+        out[c] = {"feature": f, "auc_train": float(auc.max()),
+                  "auc": float(detection_auc(test_codes[:, f], np.asarray(test_labels) == c)[0])}
     return out
 
 

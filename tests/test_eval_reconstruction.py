@@ -140,6 +140,24 @@ def test_explained_variance_without_a_global_mean_centres_on_each_batch():
     assert m_global["fvu"] == pytest.approx(m["fvu"], rel=1e-6)  # FVU does not depend on batching
 
 
+class SkipLinear(LinearReLU):
+    """A transcoder with a linear skip path that decode() leaves out (as SparseCoder's skip transcoder does)."""
+
+    skip = True
+
+    def __call__(self, x):
+        return self.decode(self.encode(x)) + 2.0 * x
+
+
+def test_skip_path_is_part_of_the_reconstruction():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    dec = SkipLinear(rng.normal(size=(3, 4)), np.zeros(4), rng.normal(size=(4, 3)), np.zeros(3))
+    y = np.asarray(dec(x))  # the target is exactly what the decomposer outputs with its skip path
+    _, m = run(dec, x, y)
+    assert m["fvu"] < 1e-10 and m["cossim"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_empty_eval_is_an_error():
     acc = ReconstructionAccumulator(4)
     with pytest.raises(ValueError, match="no rows were evaluated"):

@@ -157,3 +157,122 @@ def test_architecture_names():
     assert architecture_of(to_linear(make("relu"))) == "standard"
     assert architecture_of(to_linear(make("batchtopk"))) == "jumprelu"
     assert from_linear(to_linear(make("gtopk"))).kind == "topk"
+
+
+# ---- features.safetensors -------------------------------------------------------------------------
+
+from dictlearn.export.features import FeaturesError, read_features, write_features  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+
+def test_features_round_trip_and_validation(tmp_path):
+    v = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    folder = write_features(tmp_path / "f", v, "resid_post.2", model="/models/m.gguf", source={"kind": "topk"})
+    fs = read_features(folder / "features.safetensors")
+    np.testing.assert_array_equal(fs.vectors, v)
+    assert (fs.hookpoint, fs.model, fs.n_features, fs.width, fs.source) == ("resid_post.2", "/models/m.gguf", 5, 7, {"kind": "topk"})
+    with pytest.raises(FeaturesError, match=r"feature 5 is out of range: here holds 5 features \(indices 0\.\.4\)"):
+        fs.vector(5, where="here")
+
+    meta = json.loads((folder / "features.json").read_text())
+    (folder / "features.json").write_text(json.dumps({**meta, "n_features": 6}))
+    with pytest.raises(FeaturesError, match=r"shape \(5, 7\), but features.json says \(n_features, width\) = \(6, 7\)"):
+        read_features(folder)
+    (folder / "features.json").write_text(json.dumps(meta))
+    save_file({"vectors": v.astype(np.float16)}, str(folder / "features.safetensors"))
+    with pytest.raises(FeaturesError, match="dtype float16"):
+        read_features(folder)
+    tampered = v.copy()
+    tampered[2, 3] += 1e-3
+    save_file({"vectors": tampered}, str(folder / "features.safetensors"))
+    with pytest.raises(FeaturesError, match="checksum mismatch"):
+        read_features(folder)
+    save_file({"W_dec": v}, str(folder / "features.safetensors"))
+    with pytest.raises(FeaturesError, match="one tensor named 'vectors'"):
+        read_features(folder)
+    (folder / "features.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(FeaturesError, match="unreadable"):
+        read_features(folder)
+    (folder / "features.safetensors").unlink()
+    with pytest.raises(FeaturesError, match="features.safetensors is missing"):
+        read_features(folder)
+    with pytest.raises(FeaturesError, match="non-empty"):
+        write_features(tmp_path / "g", np.zeros((0, 3)), "resid_post.0")
+
+
+# ---- semi-NMF export ----------------------------------------------------------------------------
+
+def _snmf(d_mlp=32, k=8, d_model=24, with_resid=True):
+    import dictlearn.decomposers.snmf  # noqa: F401
+
+    m = base.build("snmf", dict(d_in=d_mlp, n_features=k, hookpoint_in="mlp_hidden.3", encode_iters=50))
+    rng = np.random.default_rng(4)
+    f = rng.standard_normal((d_mlp, k)) * (rng.random((d_mlp, k)) < 0.3)
+    m.set_features(jnp.asarray(f + 1e-3, jnp.float32))
+    w_out = rng.standard_normal((d_mlp, d_model)).astype(np.float32)
+    if with_resid:
+        m.set_w_out(w_out)
+    return m, w_out
+
+
+def test_snmf_export_round_trip(tmp_path):
+    from dictlearn.export import export_decomposer
+    from dictlearn.export.snmf_format import SnmfFormatError, read_snmf
+
+    m, w_out = _snmf()
+    summary = export_decomposer(m, tmp_path / "s", model_name="mdl")
+    assert summary["files"] == ["snmf.safetensors", "snmf.json", "features.safetensors", "features.json"]
+    meta = json.loads((tmp_path / "s" / "snmf.json").read_text())
+    assert (meta["hookpoint"], meta["resid_hookpoint"], meta["d_model"]) == ("mlp_hidden.3", "mlp_out.3", 24)
+    back = read_snmf(tmp_path / "s")
+    x = jnp.asarray(np.abs(np.random.default_rng(5).standard_normal((16, 32))).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(back.encode(x)), np.asarray(m.encode(x)))
+    np.testing.assert_array_equal(np.asarray(back.resid_features()), np.asarray(m.resid_features()))
+    fs = read_features(tmp_path / "s")  # steering vectors: F^T W_out at mlp_out
+    assert fs.hookpoint == "mlp_out.3"
+    np.testing.assert_allclose(fs.vectors, np.asarray(m.F[...]).T @ w_out, rtol=1e-5, atol=1e-5)
+
+    bare, _ = _snmf(with_resid=False)  # no residual directions and no model: F only, no steering vectors
+    with pytest.raises(SnmfFormatError, match="pass the language model"):
+        export_decomposer(bare, tmp_path / "b")
+    t = load_file(str(tmp_path / "s" / "snmf.safetensors"))
+    t["F"][0, 0] += 1.0
+    save_file(t, str(tmp_path / "s" / "snmf.safetensors"))
+    with pytest.raises(SnmfFormatError, match="checksum"):
+        read_snmf(tmp_path / "s")
+
+
+# ---- `dictlearn export CONFIG` --------------------------------------------------------------------
+
+def test_export_cli_writes_every_decomposer_and_skips_finished_ones(tmp_path, capsys):
+    from dictlearn.cli.export import main
+
+    root = tmp_path / "run"
+    made = {"sae": make("topk"), "tc_topk": base.build("transcoder", dict(d_in=D, n_features=N, d_out=D_OUT, k=4,
+                                                                           hookpoint_in="mlp_in.3", hookpoint_out="mlp_out.3")),
+            "nmf": _snmf()[0]}
+    for name, m in made.items():
+        base.save(m, root / "decomposers" / name)
+    config = tmp_path / "run.toml"
+    config.write_text(f'out_dir = "{root}"\n[model]\nname = "{tmp_path / "no-model.gguf"}"\n')
+    assert main([str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "tc_topk (transcoder)" in out and "skipped saelens: SAELens has no TopK transcoder" in out
+    ex = root / "export"
+    assert sorted(p.name for p in (ex / "sae").iterdir()) == ["cfg.json", "export.json", "features.json",
+                                                             "features.safetensors", "sae_weights.safetensors"]
+    assert not (ex / "tc_topk" / "cfg.json").exists() and (ex / "tc_topk" / "features.safetensors").is_file()
+    assert (ex / "nmf" / "snmf.json").is_file()
+    sae = sae_lens.SAE.load_from_disk(str(ex / "sae"))
+    assert sae.cfg.metadata.model_name == str(tmp_path / "no-model.gguf") and sae.cfg.metadata.dictlearn_name == "sae"
+    np.testing.assert_array_equal(read_features(ex / "sae").vectors, np.asarray(made["sae"].features()))
+    assert read_features(ex / "tc_topk").hookpoint == "mlp_out.3"
+
+    assert main([str(config), "--only", "sae"]) == 0
+    assert "sae: up to date" in capsys.readouterr().out
+    assert main([str(config), "--only", "sae", "--force"]) == 0
+    assert "sae (topk) ->" in capsys.readouterr().out
+    assert main([str(config), "--only", "nope"]) == 1
+    assert "no saved decomposer named nope" in capsys.readouterr().err
+    assert main([]) == 1
+    assert "give a run config" in capsys.readouterr().err

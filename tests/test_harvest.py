@@ -31,7 +31,7 @@ def _sorted_rows(cache: ActivationCache, keys: list[str]) -> dict[str, np.ndarra
 
 
 def _write_config(path: Path, out: Path, **harvest_keys) -> Path:
-    h = {"hookpoints": ["resid_post.3", "mlp_hidden.3"], "n_tokens": 4096, "batch_size": 4, "shard_mb": 1.1,
+    h = {"hookpoints": ["resid_post.3", "mlp_hidden.3"], "n_tokens": 2048, "batch_size": 4, "shard_mb": 1.1,
          "dtype": "float32", "eval_fraction": 0.1, **harvest_keys}
     lines = [f'out_dir = "{out}"', "[model]", f'name = "{SMOL_GGUF}"', "[corpus]", f'path = "{CORPUS}"',
              "context_length = 64", "[harvest]"] + [f"{k} = {json.dumps(v)}" for k, v in h.items()]
@@ -76,7 +76,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_rows(tmp_path, smol):
 
     # the uninterrupted reference, in this process
     corpus = CorpusConfig(path=str(CORPUS), context_length=64)
-    config = HarvestConfig(hookpoints=["resid_post.3", "mlp_hidden.3"], n_tokens=4096, batch_size=4, shard_mb=1.1,
+    config = HarvestConfig(hookpoints=["resid_post.3", "mlp_hidden.3"], n_tokens=2048, batch_size=4, shard_mb=1.1,
                            dtype="float32", eval_fraction=0.1)
     ref = harvest(smol, corpus, config, tmp_path / "ref", progress=False)
     assert [(s["rows"], s["seq_start"], s["split"]) for s in ref.shards] == [

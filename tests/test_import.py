@@ -155,3 +155,33 @@ def test_folder_made_by_sparsify(transcode, skip, tmp_path):
         np.put_along_axis(want_codes, enc.top_indices.numpy(), enc.top_acts.numpy(), 1)
     np.testing.assert_allclose(np.asarray(ours.encode(jnp.asarray(x))), want_codes, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+
+
+def test_import_cli_writes_native_folders(tmp_path, capsys):
+    from dictlearn.cli.export import main
+    from dictlearn.decomposers import base
+
+    _saelens_made("jumprelu_no_bdec", tmp_path / "sl")
+    assert main(["--import-saelens", str(tmp_path / "sl"), "--out", str(tmp_path / "run" / "decomposers" / "jr")]) == 0
+    assert "as jumprelu (resid_post.2 -> resid_post.2, 64 features)" in capsys.readouterr().out
+    native = base.load(tmp_path / "run" / "decomposers" / "jr")
+    direct = import_saelens(tmp_path / "sl")
+    x = jnp.asarray(_x())
+    np.testing.assert_array_equal(np.asarray(native.encode(x)), np.asarray(direct.encode(x)))
+    meta = json.loads((tmp_path / "run" / "decomposers" / "jr" / "config.json").read_text())
+    assert meta["extra"]["format"] == "saelens"
+
+    rng = np.random.default_rng(3)
+    for name in ("layers.1", "layers.2.mlp"):
+        _sparsify_folder(tmp_path / "sp" / name, rng, D, N, 4, transcode=name.endswith("mlp"))
+    assert main(["--import-sparsify", str(tmp_path / "sp"), "--out", str(tmp_path / "imp")]) == 0
+    assert base.load(tmp_path / "imp" / "layers.1").kind == "topk"
+    assert base.load(tmp_path / "imp" / "layers.2.mlp").config.hookpoint_in == "mlp_in.2"
+    assert main(["--import-sparsify", str(tmp_path / "sp" / "layers.1"), "--out", str(tmp_path / "one")]) == 0
+    assert base.load(tmp_path / "one").config.hookpoint_in == "resid_post.1"  # a single folder: --out is the folder
+    capsys.readouterr()
+
+    assert main(["--import-saelens", str(tmp_path / "sl")]) == 1
+    assert "needs --out" in capsys.readouterr().err
+    assert main(["--import-saelens", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+    assert "cfg.json is missing" in capsys.readouterr().err

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from dictlearn.activations.hookpoints import resolve
-from eval.judges import load_labelled_documents, read_sequences, sample_windows, split_documents
-from eval.steering import NEUTRAL_PROMPTS, SteeringConfig, evaluate_steering, generate_continuations, vocab_projection
+from eval.steering import (
+    NEUTRAL_PROMPTS,
+    SteeringConfig,
+    best_feature_per_concept,
+    evaluate_steering,
+    generate_continuations,
+    vocab_projection,
+)
 
 from _eval_decomposers import LinearReLU
 
@@ -61,27 +67,31 @@ def test_config_errors():
         SteeringConfig(n_prompts=len(NEUTRAL_PROMPTS) + 1)
 
 
-def planted_decomposer(model, tokenizer, corpus: str, hp_name: str, n_features: int = 12) -> LinearReLU:
-    """A ReLU dictionary whose feature 0 reads (and writes) the sport-vs-rest mean difference; the rest random."""
-    hp = resolve(model, hp_name)[0]
-    docs = load_labelled_documents(corpus)
-    train, _ = split_documents(docs, 0.25, seed=123)
-    rng = np.random.default_rng(1)
-    sport = sample_windows([d for d in train if d.label == "sport"], tokenizer, 16, 32, rng)
-    rest = sample_windows([d for d in train if d.label != "sport"], tokenizer, 16, 32, rng)
-    x = read_sequences(model, sport + rest, [1] * 32, [hp]).pooled[hp.name]
-    dm = x[:16].mean(0) - x[16:].mean(0)
-    d = dm / np.linalg.norm(dm)
-    w = rng.standard_normal((hp.width, n_features)).astype(np.float32) / np.sqrt(hp.width)
-    w[:, 0] = d
-    b = np.zeros(n_features, np.float32)
-    b[0] = -float((x @ d).mean())  # fires on the sport side of the midpoint
-    return LinearReLU(w, b, w.T.copy(), np.zeros(hp.width, np.float32), hookpoint_in=hp_name)
+def test_best_feature_is_chosen_on_train_and_scored_on_held_out():
+    """Feature 2 reads dimension 0, which is high on 'sport' windows: it is the one picked for sport."""
+    rng = np.random.default_rng(0)
+
+    def windows(n):
+        labels = np.array(["sport"] * n + ["brown"] * n)
+        toks = [rng.standard_normal((5, 4)).astype(np.float32) + (2.0 if l == "sport" else 0.0) * np.eye(4)[0]
+                for l in labels]
+        return toks, labels
+
+    w = np.zeros((4, 3), np.float32)
+    w[1, 0], w[2, 1], w[0, 2] = 1.0, 1.0, 1.0
+    dec = LinearReLU(w, np.zeros(3), w.T.copy(), np.zeros(4))
+    (tr, ytr), (te, yte) = windows(20), windows(10)
+    best = best_feature_per_concept(dec, tr, ytr, te, yte, ["sport"], live=np.arange(3))
+    assert best["sport"]["feature"] == 2 and best["sport"]["auc"] > 0.9 and best["sport"]["auc_train"] > 0.9
+    # a dead feature is never chosen, even when it would detect best
+    assert best_feature_per_concept(dec, tr, ytr, te, yte, ["sport"], live=np.arange(2))["sport"]["feature"] != 2
 
 
 def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
-    """Every record has the same keys; the planted sport feature is the one chosen for sport."""
-    dec = planted_decomposer(tiny_gpt2, smol.tokenizer, corpus, "resid_post.1")
+    """Every record has the same keys, whatever kind of vector it holds."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 12)) / np.sqrt(32)).astype(np.float32)
+    dec = LinearReLU(w, np.zeros(12), w.T.copy(), np.zeros(32), hookpoint_in="resid_post.1")
     cfg = SteeringConfig(kl_targets=[0.002, 0.005], summary_kl=0.005, n_prompts=4, samples_per_prompt=1,
                          max_new_tokens=6, n_features=2, concepts=["sport"], corpus=corpus, windows_per_class=16,
                          held_out_windows=8, judge_samples_per_prompt=1, batch_size=8)
@@ -94,7 +104,8 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
     assert len({frozenset(r["summary"]) for r in recs.values()}) == 1
     assert [r["kind"] for r in recs.values()] == ["test_linear_relu", "diffmean", "random"]
     planted = recs["planted"]
-    assert planted["detection"]["sport"]["feature"] == 0 and planted["detection"]["sport"]["auc"] > 0.8
+    assert set(planted["detection"]["sport"]) == {"feature", "auc_train", "auc"}
+    assert planted["detection"]["sport"]["auc_train"] >= 0.5  # the best of 12 features on the training windows
     assert len(planted["feature_curve"]) == 2 and planted["feature_curve"][0]["n_features"] == 2
     assert len(res["features"]["planted"]) == 2
     for r in recs.values():

@@ -355,11 +355,11 @@ out_dir = "{tmp_path / 'run'}"
 [train]
 cache = "{smol_cache.path}"
 batch_size = 256
-n_steps = 40
+n_steps = 24
 lr = 2e-3
 warmup_steps = 4
-log_every = 10
-checkpoint_every = 40
+log_every = 8
+checkpoint_every = 24
 sample_tokens = 2048
 progress = false
 [wandb]
@@ -369,13 +369,14 @@ name = "topk4x"
 kind = "topk"
 hookpoint_in = "resid_post.10"
 expansion = 4
-k = 32
-""")
+k = 8
+k_aux = 32
+""")  # small k: TopK's gathers are unrolled per slot, and k = 32 takes minutes to compile on busy cores
     assert main(["train", str(config)]) == 0
     folder = tmp_path / "run" / "decomposers" / "topk4x"
     log = read_log(folder / "train_log.jsonl")
-    assert [r["step"] for r in log] == [10, 20, 30, 40]
-    assert log[-1]["fvu"] < 0.7 * log[0]["fvu"] and log[-1]["l0"] == pytest.approx(32)
+    assert [r["step"] for r in log] == [8, 16, 24]
+    assert log[-1]["fvu"] < 0.85 * log[0]["fvu"] and log[-1]["l0"] == pytest.approx(8)
     saved = base.load(folder)
     assert (saved.config.d_in, saved.config.n_features, saved.kind) == (576, 2304, "topk")
     x = BatchLoader(smol_cache, ["resid_post.10"], 512, split="eval").batch(0)["resid_post.10"]

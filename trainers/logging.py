@@ -2,7 +2,8 @@
 
 wandb's `offline` mode opens no socket: runs land in `<out_dir>/wandb/offline-run-*` and can be uploaded
 later with `wandb sync <out_dir>/wandb/offline-run-*`. `online` logs live; `disabled` never imports wandb.
-Only the first process of a multi-process job logs.
+A resumed training run is a new wandb run in the same group (the out_dir's name), starting at the step it
+resumed from. Only the first process of a multi-process job logs.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class TrainLogger:
             self.run = wandb.init(
                 project=wandb_cfg.project,
                 entity=wandb_cfg.entity,
-                name=wandb_cfg.name or out_dir.name,
-                group=wandb_cfg.group,
+                # a resumed run logs as a new run in the same group, named after the step it resumed at
+                name=(wandb_cfg.name or out_dir.name) + (f"-from-step-{start_step}" if start_step else ""),
+                group=wandb_cfg.group or out_dir.name,
                 tags=wandb_cfg.tags or None,
                 dir=str(out_dir),
                 mode=wandb_cfg.mode,

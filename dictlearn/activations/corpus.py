@@ -69,7 +69,7 @@ def local_files(path: str | Path) -> list[Path]:
     )
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
     p = Path(path).expanduser()
     return p.exists() or path.startswith((".", "/", "~")) or _has_suffix(p)
 
@@ -121,7 +121,7 @@ def _read_hf(config: CorpusConfig) -> Iterator[str]:
 
 def documents(config: CorpusConfig) -> Iterator[str]:
     """The corpus's documents as strings, in a fixed order."""
-    if _is_local(config.path):
+    if is_local(config.path):
         for f in local_files(config.path):
             yield from _read_file(f, config.field)
     else:
@@ -131,7 +131,7 @@ def documents(config: CorpusConfig) -> Iterator[str]:
 def fingerprint(config: CorpusConfig) -> str:
     """Identifies the corpus content (file names, sizes and hashes; or the dataset name) and its field."""
     h = hashlib.sha256(f"field={config.field}".encode())
-    if _is_local(config.path):
+    if is_local(config.path):
         from dictlearn.activations.models import file_fingerprint
 
         root = Path(config.path).expanduser()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import shutil
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from dictlearn.activations import hookpoints as hp_mod
-from dictlearn.activations.cache import STORAGE_DTYPES, ActivationCache, CacheError, CacheWriter, FORMAT, FORMAT_VERSION
+from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, ActivationCache, CacheWriter
 from dictlearn.activations.corpus import CorpusConfig, fingerprint as corpus_fingerprint, packed_sequences, special_token_ids
 from dictlearn.activations.models import LoadedModel
 
@@ -111,10 +112,13 @@ def plan(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig) -> Pl
 
 
 def identity(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig) -> dict:
-    """Everything that decides what a cache holds; a resumed harvest must match it exactly."""
+    """Everything that decides what a cache holds; a resumed harvest must match it exactly. Models and
+    corpora count by content (fingerprints), so the same files named by another path still match."""
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    corpus_settings = {k: v for k, v in dataclasses.asdict(corpus).items() if k != "path"}
     return {
-        "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")},
-        "corpus": {"fingerprint": corpus_fingerprint(corpus), **dataclasses.asdict(corpus)},
+        "model": {"fingerprint": loaded.fingerprint, "dtype": dtype},
+        "corpus": {"fingerprint": corpus_fingerprint(corpus), **corpus_settings},
         "harvest": dataclasses.asdict(config),
     }
 
@@ -179,6 +183,30 @@ def _numpy_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
+def _shard_rows(model, tokens: np.ndarray, seq_start: int, p: Plan, grad_hps: list, excluded: torch.Tensor,
+                config: HarvestConfig, on_batch) -> dict[str, np.ndarray]:
+    """Rows (in harvest order) of every stored array for the (n_seq, ctx) `tokens` of one shard, special
+    token positions left out; `on_batch(n_tokens)` reports progress."""
+    device = next(model.parameters()).device
+    out: dict[str, list[np.ndarray]] = {key: [] for key in [*p.widths, "token_id", "seq", "pos"]}
+    n_seq, ctx = tokens.shape
+    for b0 in range(0, n_seq, config.batch_size):
+        ids = torch.from_numpy(tokens[b0 : b0 + config.batch_size].astype(np.int64))
+        acts = _forward(model, ids.to(device), p.hookpoints, grad_hps)
+        flat = ids.reshape(-1)
+        keep = ~torch.isin(flat, excluded)
+        for key, width in p.widths.items():
+            if acts[key].shape[-1] != width:
+                raise HarvestError(f"{key}: captured width {acts[key].shape[-1]}, planned {width}")
+            out[key].append(_numpy_storage(acts[key].reshape(-1, width)[keep.to(acts[key].device)].cpu(), config.dtype))
+        keep_np = keep.numpy()
+        out["token_id"].append(flat.numpy().astype(np.int32)[keep_np])
+        out["seq"].append(np.repeat(np.arange(seq_start + b0, seq_start + b0 + len(ids), dtype=np.int32), ctx)[keep_np])
+        out["pos"].append(np.tile(np.arange(ctx, dtype=np.int32), len(ids))[keep_np])
+        on_batch(ids.numel())
+    return {key: np.concatenate(v) for key, v in out.items()}
+
+
 def harvest(
     loaded: LoadedModel,
     corpus: CorpusConfig,
@@ -192,12 +220,13 @@ def harvest(
     model = loaded.model
     p = plan(loaded, corpus, config)  # bad hookpoints fail here, before any work
     grad_hps = [h for h in p.hookpoints if h.name in config.gradients]
+    ident = identity(loaded, corpus, config)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "identity": identity(loaded, corpus, config),
-        "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "n_layers": hp_mod.n_layers(model)},
-        "corpus": {"fingerprint": corpus_fingerprint(corpus), "config": dataclasses.asdict(corpus)},
+        "identity": ident,
+        "model": {"name": loaded.name, **ident["model"], "n_layers": hp_mod.n_layers(model)},
+        "corpus": {"fingerprint": ident["corpus"]["fingerprint"], "config": dataclasses.asdict(corpus)},
         "context_length": corpus.context_length,
         "hookpoints": {
             k: {"width": w, "dtype": config.dtype, "kind": "gradient" if k.endswith(GRAD_SUFFIX) else "activation"}
@@ -217,7 +246,6 @@ def harvest(
         return ActivationCache(out, writer.manifest)
     start_shard = writer.n_done
     if progress:
-        done = start_shard * p.sequences_per_shard * p.context_length
         print(
             f"harvest: {len(p.widths)} arrays x {p.n_sequences * p.context_length:,} tokens -> {out} "
             f"(about {p.estimated_bytes / 1e9:.2f} GB in {p.n_shards} shards"
@@ -226,7 +254,6 @@ def harvest(
         )
     excluded = torch.from_numpy(np.asarray(manifest["excluded_token_ids"], dtype=np.int64))
     seqs = packed_sequences(corpus, loaded.tokenizer, start=start_shard * p.sequences_per_shard)
-    device = next(model.parameters()).device
 
     from tqdm import tqdm
 
@@ -244,40 +271,19 @@ def harvest(
     try:
         for k in range(start_shard, p.n_shards):
             seq_start = k * p.sequences_per_shard
-            seq_stop = min(seq_start + p.sequences_per_shard, p.n_sequences)
-            tokens = []
-            for _ in range(seq_stop - seq_start):
-                s = next(seqs, None)
-                if s is None:
-                    break
-                tokens.append(s)
-            if len(tokens) < seq_stop - seq_start:
+            tokens = list(itertools.islice(seqs, min(p.sequences_per_shard, p.n_sequences - seq_start)))
+            if seq_start + len(tokens) < min(seq_start + p.sequences_per_shard, p.n_sequences):
+                have = seq_start + len(tokens)
                 raise HarvestError(
-                    f"the corpus ran out after {seq_start + len(tokens)} sequences of {p.context_length} tokens "
-                    f"({(seq_start + len(tokens)) * p.context_length:,} tokens); lower harvest.n_tokens to at most that"
+                    f"the corpus ran out after {have} sequences of {p.context_length} tokens "
+                    f"({have * p.context_length:,} tokens); lower harvest.n_tokens to at most that"
                 )
-            shard_tokens = torch.from_numpy(np.stack(tokens).astype(np.int64))
-            parts: dict[str, list[np.ndarray]] = {key: [] for key in p.widths}
-            meta: dict[str, list[np.ndarray]] = {"token_id": [], "seq": [], "pos": []}
-            for b0 in range(0, len(tokens), config.batch_size):
-                ids = shard_tokens[b0 : b0 + config.batch_size].to(device)
-                acts = _forward(model, ids, p.hookpoints, grad_hps)
-                flat_ids = ids.reshape(-1).cpu()
-                keep = ~torch.isin(flat_ids, excluded) if len(excluded) else torch.ones_like(flat_ids, dtype=torch.bool)
-                for key in p.widths:
-                    a = acts[key].reshape(-1, p.widths[key])[keep.to(acts[key].device)]
-                    parts[key].append(_numpy_storage(a.cpu(), config.dtype))
-                n_b, ctx = ids.shape
-                meta["token_id"].append(flat_ids[keep].numpy().astype(np.int32))
-                seq = np.repeat(np.arange(seq_start + b0, seq_start + b0 + n_b, dtype=np.int32), ctx)
-                meta["seq"].append(seq[keep.numpy()])
-                meta["pos"].append(np.tile(np.arange(ctx, dtype=np.int32), n_b)[keep.numpy()])
-                bar.update(ids.numel())
-            perm = np.random.default_rng([config.seed, k]).permutation(sum(len(x) for x in meta["seq"]))
-            arrays = {key: np.concatenate(v)[perm] for key, v in {**parts, **meta}.items()}
-            arrays["sequence_tokens"] = shard_tokens.numpy().astype(np.int32)
-            info = {"rows": int(len(perm)), "tokens": int(shard_tokens.numel()), "seq_start": seq_start, "seq_stop": seq_stop,
-                    "split": "eval" if k in p.eval_shards else "train"}
+            arrays = _shard_rows(model, np.stack(tokens), seq_start, p, grad_hps, excluded, config, bar.update)
+            perm = np.random.default_rng([config.seed, k]).permutation(len(arrays["seq"]))  # seeded per shard
+            arrays = {key: v[perm] for key, v in arrays.items()}
+            arrays["sequence_tokens"] = np.stack(tokens)
+            info = {"rows": len(arrays["seq"]), "tokens": len(tokens) * p.context_length, "seq_start": seq_start,
+                    "seq_stop": seq_start + len(tokens), "split": "eval" if k in p.eval_shards else "train"}
             if writing is not None:
                 writing.join()
             if failure:

@@ -69,7 +69,18 @@ class BatchLoader:
         parts = [self.cache.shard_arrays(i, self.keys) for i in shards]
         rows = sum(self._shard_rows[i] for i in shards)
         perm = np.random.default_rng([self.seed, epoch, w, 1]).permutation(rows)
-        return {k: np.concatenate([p[k] for p in parts])[perm] for k in self.keys}
+        dest = np.empty_like(perm)
+        dest[perm] = np.arange(rows)  # row j of the shards' concatenation goes to dest[j]
+        out = {}
+        for k in self.keys:
+            first = parts[0][k]
+            out[k] = np.empty((rows,) + first.shape[1:], dtype=first.dtype)
+            offset = 0
+            for p in parts:  # one sequential read of each shard, scattered into place
+                n = len(p[k])
+                out[k][dest[offset : offset + n]] = p[k]
+                offset += n
+        return out
 
     def _row_stream(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         """Consecutive row blocks of one epoch, starting `skip` rows in."""

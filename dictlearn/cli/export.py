@@ -70,7 +70,7 @@ def export_run(args: ExportArgs) -> int:
     from dictlearn.cli.common import out_dir, read_run_config
     from dictlearn.config import from_dict
     from dictlearn.decomposers import base
-    from dictlearn.export import ExportConfig, export_decomposer, is_exported, source_fingerprint
+    from dictlearn.export import ExportConfig, export_decomposer, is_exported, load_kinds, source_fingerprint
 
     data = read_run_config(args.config, args.set)
     cfg = from_dict(ExportConfig, data.get("export", {}), where=f"{args.config} [export]")
@@ -84,6 +84,7 @@ def export_run(args: ExportArgs) -> int:
     if missing:
         raise ExportError(f"no saved decomposer named {', '.join(missing)} under {src}; saved: {', '.join(saved)}")
     model_name, model_table = _model_reference(data, root)
+    load_kinds()
     model = None
     for name in names or saved:
         folder, dest = src / name, root / "export" / name
@@ -92,7 +93,7 @@ def export_run(args: ExportArgs) -> int:
             print(f"export: {name}: up to date in {dest} (--force exports again)")
             continue
         module = base.load(folder)
-        if module.kind == "snmf" and model is None and model_table:
+        if module.kind == "snmf" and module.config.d_model == 0 and model is None and model_table:
             from dictlearn.activations.models import ModelConfig
 
             model = from_dict(ModelConfig, model_table, where=f"{args.config} [model]").load()

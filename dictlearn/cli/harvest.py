@@ -40,13 +40,13 @@ def configs_from(data: dict, where: str):
 
 
 def run(args: HarvestArgs) -> Path:
-    from dictlearn.activations.corpus import local_files, _is_local
+    from dictlearn.activations.corpus import local_files, is_local
     from dictlearn.activations.harvest import harvest
     from dictlearn.cli.common import out_dir, read_run_config
 
     data = read_run_config(args.config, args.set)
     model_cfg, corpus_cfg, harvest_cfg = configs_from(data, str(args.config))
-    if _is_local(corpus_cfg.path):
+    if is_local(corpus_cfg.path):
         local_files(corpus_cfg.path)  # a bad corpus path fails before the model loads
     out = out_dir(data, args.config) / "cache"
     cache = harvest(model_cfg.load(), corpus_cfg, harvest_cfg, out)

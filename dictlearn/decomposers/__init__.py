@@ -5,3 +5,4 @@ from dictlearn.decomposers import batchtopk, gtopk, jumprelu, relu, topk, transc
 from dictlearn.decomposers.base import REGISTRY, Decomposer, DecomposerConfig, build, load, register, save
 
 __all__ = ["REGISTRY", "Decomposer", "DecomposerConfig", "build", "load", "register", "save"]
+from dictlearn.decomposers import snmf  # noqa: F401  (registers "snmf")

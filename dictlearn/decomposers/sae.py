@@ -126,7 +126,7 @@ class SparseCoder(Decomposer):
         w_dec = unit_rows(rngs.params(), n, d_out)
         self.W_dec = nnx.Param(w_dec)
         # Encoder = decoder transpose where the spaces match (an SAE); independent unit rows otherwise.
-        self.W_enc = nnx.Param(w_dec if (d_in == d_out and not self.transcoder) else unit_rows(rngs.params(), n, d_in))
+        self.W_enc = nnx.Param(jnp.array(w_dec) if (d_in == d_out and not self.transcoder) else unit_rows(rngs.params(), n, d_in))
         self.b_enc = nnx.Param(jnp.zeros((n,), jnp.float32))
         self.b_dec = nnx.Param(jnp.zeros((d_out,), jnp.float32))
         if self.transcoder:

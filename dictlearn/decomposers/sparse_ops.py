@@ -62,21 +62,42 @@ def _chunks(batch: int) -> int:
     return c if c >= 16 or c == batch else batch
 
 
+# Up to this many slots, gathers are unrolled slot by slot (fastest on CPU); beyond, token chunks.
+UNROLL_SLOTS = 64
+
+
+def _take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
+    return table.at[indices].get(mode="promise_in_bounds")
+
+
+def _over_chunks(fn, *arrays: jax.Array) -> jax.Array:
+    """Apply fn to token chunks of the arrays (leading axis) with lax.scan; concatenate the results."""
+    batch = arrays[0].shape[0]
+    c = _chunks(batch)
+
+    def body(_, chunk):
+        return None, fn(*chunk)
+
+    _, out = jax.lax.scan(body, None, tuple(a.reshape(batch // c, c, *a.shape[1:]) for a in arrays))
+    return out.reshape(batch, *out.shape[2:])
+
+
 def gather_combine(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
     """out[b] = sum_j weights[b, j] * table[indices[b, j]]   ->  (B, d).
 
-    Loops over the k slots so no (B, k, d) temporary is built: each slot is one row gather and a
-    fused multiply-add into the (B, d) accumulator."""
-    out = jnp.zeros((weights.shape[0], table.shape[1]), table.dtype)
-    for j in range(weights.shape[1]):
-        out = out + weights[:, j : j + 1] * jnp.take(table, indices[:, j], axis=0)
-    return out
+    For small k, loops over the slots so no (B, k, d) temporary is built: each slot is one row
+    gather and a fused multiply-add into the (B, d) accumulator."""
+    if indices.shape[1] <= UNROLL_SLOTS:
+        out = jnp.zeros((weights.shape[0], table.shape[1]), table.dtype)
+        for j in range(weights.shape[1]):
+            out = out + weights[:, j : j + 1] * _take_rows(table, indices[:, j])
+        return out
+    return _over_chunks(lambda w, i: jnp.einsum("bk,bkd->bd", w, _take_rows(table, i)), weights, indices)
 
 
 def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
-    """out[b, j] = <rows[b], table[indices[b, j]]>   ->  (B, k)."""
-    cols = [jnp.sum(rows * jnp.take(table, indices[:, j], axis=0), axis=-1) for j in range(indices.shape[1])]
-    return jnp.stack(cols, axis=1)
+    """out[b, j] = <rows[b], table[indices[b, j]]>   ->  (B, k), as batched dots over token chunks."""
+    return _over_chunks(lambda r, i: jnp.einsum("bd,bkd->bk", r, _take_rows(table, i)), rows, indices)
 
 
 def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:

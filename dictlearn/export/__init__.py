@@ -38,17 +38,24 @@ class ExportConfig:
 def steering_vectors(module: Any, model: Any = None) -> tuple[str, np.ndarray]:
     """(hookpoint, (n_features, width) float32) for steering: where a feature writes and its direction there.
 
-    A decomposer may define `steering_directions()` (semi-NMF: residual-stream directions at mlp_out, which
-    may need the language model's MLP output weights, passed as `model`); otherwise it is `features()` at
-    `hookpoint_out`."""
-    if hasattr(module, "steering_directions"):
-        try:
-            hookpoint, dirs = module.steering_directions(model) if model is not None else module.steering_directions()
-        except TypeError:
-            hookpoint, dirs = module.steering_directions()
-    else:
-        hookpoint, dirs = module.config.hookpoint_out, module.features()
-    return hookpoint, np.asarray(dirs, dtype=np.float32)
+    SAEs and transcoders: `features()` (decoder rows) at `hookpoint_out`. Semi-NMF: its residual-stream
+    directions F^T W_out at mlp_out.L (stored by the trainer, else computed from `model`'s MLP weights)."""
+    if module.kind == "snmf":
+        from dictlearn.export.snmf_format import steering_directions
+
+        return steering_directions(module, model)
+    return module.config.hookpoint_out, np.asarray(module.features(), dtype=np.float32)
+
+
+def load_kinds() -> None:
+    """Import every module of dictlearn.decomposers so each kind is registered before `base.load`."""
+    import importlib
+    import pkgutil
+
+    import dictlearn.decomposers as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def source_fingerprint(folder: str | Path) -> str:

@@ -49,7 +49,7 @@ class Calibration:
 
 def unit(vector) -> torch.Tensor:
     """The vector as a float32 torch unit vector; ValueError for a zero or non-finite one."""
-    v = torch.as_tensor(np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor) else vector)
+    v = vector if isinstance(vector, torch.Tensor) else torch.from_numpy(np.array(vector, dtype=np.float32))
     v = v.detach().float().reshape(-1)
     n = float(v.norm())
     if not math.isfinite(n) or n == 0.0:
