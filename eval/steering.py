@@ -637,6 +637,14 @@ def _judged(ev: _Evaluation, judge: ConceptJudge, ref: FluencyReference, g: Gene
     return int(judge.on_topic(concept, g.probe_x, g.texts, ref.gate(g.loss, g.bigram)).sum())
 
 
+def _judge_breakdown(judge: ConceptJudge, ref: FluencyReference, g: Generations, concept: str) -> dict[str, float]:
+    """Share of continuations each part of the judge accepts (to see which one limits the judged rate)."""
+    i = judge.index(concept)
+    p, l = judge.predict(g.probe_x, g.texts)
+    return {"probe_rate": float((p == i).mean()), "lexical_rate": float((l == i).mean()),
+            "both_rate": float(((p == i) & (l == i)).mean()), "fluent_share": float(ref.gate(g.loss, g.bigram).mean())}
+
+
 def _concept_curve(ev: _Evaluation, judge, ref, base: Generations, hp_name: str, keys: dict[str, tuple], log) -> list[dict]:
     cfg = ev.cfg
     if judge is None or not keys:
@@ -658,9 +666,11 @@ def _concept_curve(ev: _Evaluation, judge, ref, base: Generations, hp_name: str,
                 flu = _fluency(ref, g)
                 rate, rrate = k / n, kr / nr
                 concept = rate if s > 0 else (max(0.0, (rrate - rate) / rrate) if rrate > 0 else 0.0)
-                per[c] = {"rate": rate, "k": k, "n": n, "random_rate": rrate, "unsteered_rate": ku / len(base.texts),
+                per[c] = {"rate": rate, "k": k, "n": n, "random_rate": rrate, "k_random": kr, "n_random": nr,
+                          "unsteered_rate": ku / len(base.texts),
                           "gain_over_random": rate - rrate, "p_value": test["p_fisher"], "kl": g.calibration.kl,
-                          **flu, "combined": harmonic_mean(concept, flu["fluency"])}
+                          **flu, "combined": harmonic_mean(concept, flu["fluency"]),
+                          **_judge_breakdown(judge, ref, g, c)}
                 tot["k"], tot["n"], tot["kr"], tot["nr"] = tot["k"] + k, tot["n"] + n, tot["kr"] + kr, tot["nr"] + nr
             pooled = compare_rates(tot["k"], tot["n"], tot["kr"], tot["nr"], "greater" if s > 0 else "less")
             entry = {"sign": s, "kl_target": t, "kl": _mean(kls),
@@ -690,7 +700,10 @@ def _random_curve(ev: _Evaluation, judge, ref, base: Generations, hp_name: str) 
                 n = sum(len(r.texts) for r in rand)
                 for c in cfg.concepts:
                     k = sum(_judged(ev, judge, ref, r, c) for r in rand)
-                    per[c] = {"rate": k / n, "k": k, "n": n, "unsteered_rate": _judged(ev, judge, ref, base, c) / len(base.texts)}
+                    per[c] = {"rate": k / n, "k": k, "n": n,
+                              "unsteered_rate": _judged(ev, judge, ref, base, c) / len(base.texts)}
+                    for key in ("probe_rate", "lexical_rate", "both_rate", "fluent_share"):
+                        per[c][key] = _mean(_judge_breakdown(judge, ref, r, c)[key] for r in rand)
             rate = _mean(v["rate"] for v in per.values())
             curve.append({"sign": s, "kl_target": t, "kl": _mean(r.calibration.kl for r in rand),
                           "concept_rate": rate, "random_rate": rate,

@@ -97,3 +97,35 @@ def test_intervene_replaces_activation(tiny_gpt2):
         with H.intervene(tiny_gpt2, hp, lambda a: a + 1.0):
             moved = tiny_gpt2(ids).logits
     assert torch.equal(base, same) and not torch.allclose(base, moved)
+
+
+def _tiny_family(family: str):
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, Qwen2Config
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 vocab_size=256, max_position_embeddings=64)
+    cfg = {
+        "gpt_neox": lambda: GPTNeoXConfig(**small),
+        "qwen2": lambda: Qwen2Config(**small, num_key_value_heads=2),
+        "gemma2": lambda: Gemma2Config(**small, num_key_value_heads=2, head_dim=8),
+        "gemma3": lambda: Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=8),
+    }[family]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "qwen2", "gemma2", "gemma3"])
+def test_aliases_work_across_families(family):
+    model, L = _tiny_family(family), 1
+    names = [f"{a}.{L}" for a in ALL]
+    hps, acts, out = _capture(model, names, torch.randint(0, 256, (2, 10)))
+    assert torch.equal(acts[f"resid_post.{L}"], out.hidden_states[L + 1])
+    assert torch.equal(acts[f"resid_pre.{L}"], out.hidden_states[L])
+    mlp, x = model.get_submodule(hps[ALL.index("mlp_in")].module_path), acts[f"mlp_in.{L}"]
+    if family == "gpt_neox":
+        hidden, down = mlp.act(mlp.dense_h_to_4h(x)), mlp.dense_4h_to_h
+    else:
+        hidden, down = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj
+    torch.testing.assert_close(acts[f"mlp_hidden.{L}"], hidden)
+    torch.testing.assert_close(acts[f"mlp_out.{L}"], down(acts[f"mlp_hidden.{L}"]))
+    assert {h.name: h.width for h in hps} == {n: acts[n].shape[-1] for n in names}

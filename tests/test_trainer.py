@@ -173,7 +173,7 @@ def test_scale_folding_end_to_end(tmp_path, transcoder):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from trainers.checkpoint import Checkpointer
+    from trainers.checkpoint import Checkpointer, CheckpointMismatch
     from trainers.data import ArraySource
     from trainers.logging import WandbConfig
     from trainers.sgd import NonFiniteLoss, train
@@ -188,6 +188,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     model, _ = _checkpoint_model(s.folder, base.build(s.kind, s.config), 10)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(nnx.state(model)))
     ck.close()
+    # resuming those checkpoints with other settings is refused, naming what differs
+    with pytest.raises(CheckpointMismatch, match=r"lr: checkpoint 0.003 vs now 0.001.*delete .*checkpoints"):
+        train([s], source, train_cfg(n_steps=40, checkpoint_every=5, lr=1e-3), tmp_path, WandbConfig(mode="disabled"))
 
 
 def test_lr_schedule_shape():

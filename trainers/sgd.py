@@ -245,51 +245,11 @@ def train(
     if batch_size != cfg.batch_size:
         raise ValueError(f"the batch source yields batches of {batch_size}, the config asks for {cfg.batch_size}")
 
-    # Build every member (random init from its seed), its optimiser and its checkpoints.
-    models, members = [], []
-    for spec in specs:
-        model = base.build(spec.kind, spec.config)
-        _check_float32(model, spec.name)
-        lr = spec.lr or cfg.lr
-        schedule = optim.lr_schedule(lr, n_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction, cfg.final_lr_fraction)
-        models.append(model)
-        members.append(_Member(spec, lr, schedule, None, None,
-                               Checkpointer(spec.folder / CHECKPOINT_DIR, cfg.keep_checkpoints),
-                               _signature(spec, cfg, lr, n_steps)))
-
-    start = common_step([m.checkpointer for m in members])
-    if start is None and any(m.checkpointer.steps() for m in members):
-        have = [m.spec.name for m in members if m.checkpointer.steps()]
-        raise CheckpointMismatch(
-            f"decomposers {have} have checkpoints but the others in this pass do not, so they cannot resume "
-            f"together: train the new ones separately with --only NAME, or delete the checkpoints/ folders of {have}"
-        )
-    if start is not None:
-        metas = [m.checkpointer.meta(start) for m in members]
-        for m, meta in zip(members, metas):
-            check_signature(m.checkpointer.folder, meta["signature"], m.signature)
-            m.scale_in, m.scale_out = meta["scale_in"], meta["scale_out"]
-    else:
-        sample = source.sample(cfg.sample_tokens)
-        scales = scaling.input_scales(sample, [k for s in specs for k in (s.x_key, s.y_key)], cfg.scale_inputs)
-        for m, model in zip(members, models):
-            m.scale_in, m.scale_out = scales[m.spec.x_key], scales[m.spec.y_key]
-            model.init_from_data(jnp.asarray(sample[m.spec.x_key] * np.float32(m.scale_in)),
-                                 jnp.asarray(sample[m.spec.y_key] * np.float32(m.scale_out)))
-            _check_float32(model, m.spec.name)
-        del sample
-
-    # Split into pure state, lay it out on the mesh, and overwrite it from the checkpoint when resuming.
-    states, shardings = [], []
-    for m, model in zip(members, models):
-        tx = optim.adam(m.schedule, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.grad_clip)
-        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        m.model_def, model_state = nnx.split(model)
-        m.opt_def, opt_state = nnx.split(opt)
-        state = (model_state, opt_state, {"dead_tokens": np.zeros(m.spec.config.n_features, np.int32)})
-        state_sharding = sharding.tree_shardings(state, mesh, m.spec.config.n_features)
-        states.append(sharding.place(state, state_sharding))
-        shardings.append(state_sharding)
+    members, models = _build(specs, cfg, n_steps)
+    start = _resume_step(members)
+    if start is None:
+        _init_from_sample(members, models, source.sample(cfg.sample_tokens), cfg.scale_inputs)
+    states, shardings = _place(members, models, cfg, mesh)
     if start is not None:
         for i, m in enumerate(members):
             model_state, opt_state, trainer_state, _ = m.checkpointer.restore(start, *states[i])
@@ -363,15 +323,9 @@ def train(
                 check_finite(*pending)
                 pending = None
             if at_log:
-                host = sharding.fetch(history)
                 seconds = time.perf_counter() - tic
-                records = {}
-                for i, m in enumerate(members):
-                    record = {k: float(np.mean([h[i][k] for h in host])) for k in host[0][i] if k != "finite"}
-                    record.update({k: float(host[-1][i][k]) for k in LAST_VALUE})
-                    record.update(tokens=step * batch_size, tokens_per_s=(step - tic_step) * batch_size / max(seconds, 1e-9))
-                    records[m.spec.name] = record
-                logger.log(step, records)
+                logger.log(step, _records(members, sharding.fetch(history), step, batch_size,
+                                          (step - tic_step) * batch_size / max(seconds, 1e-9)))
                 history, tic, tic_step = [], time.perf_counter(), step
             if at_ckpt:
                 save_checkpoint(step)
@@ -388,6 +342,73 @@ def train(
             m.checkpointer.close()
         logger.close(failed=failed)
     return {m.spec.name: m.spec.folder for m in members}
+
+
+def _build(specs: list[DecomposerSpec], cfg: TrainConfig, n_steps: int) -> tuple[list[_Member], list[base.Decomposer]]:
+    """Every decomposer (random init from its seed), its schedule and its checkpoint manager."""
+    members, models = [], []
+    for spec in specs:
+        model = base.build(spec.kind, spec.config)
+        _check_float32(model, spec.name)
+        lr = spec.lr or cfg.lr
+        schedule = optim.lr_schedule(lr, n_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction, cfg.final_lr_fraction)
+        checkpointer = Checkpointer(spec.folder / CHECKPOINT_DIR, cfg.keep_checkpoints)
+        members.append(_Member(spec, lr, schedule, None, None, checkpointer, _signature(spec, cfg, lr, n_steps)))
+        models.append(model)
+    return members, models
+
+
+def _resume_step(members: list[_Member]) -> int | None:
+    """The checkpoint step the whole pass resumes from (None: start fresh), its settings checked."""
+    start = common_step([m.checkpointer for m in members])
+    if start is None and any(m.checkpointer.steps() for m in members):
+        have = [m.spec.name for m in members if m.checkpointer.steps()]
+        raise CheckpointMismatch(
+            f"decomposers {have} have checkpoints but the others in this pass do not, so they cannot resume "
+            f"together: train the new ones separately with --only NAME, or delete the checkpoints/ folders of {have}"
+        )
+    if start is not None:
+        for m in members:
+            meta = m.checkpointer.meta(start)
+            check_signature(m.checkpointer.folder, meta["signature"], m.signature)
+            m.scale_in, m.scale_out = meta["scale_in"], meta["scale_out"]
+    return start
+
+
+def _init_from_sample(members: list[_Member], models: list[base.Decomposer], sample: dict, scale_inputs: bool) -> None:
+    """A fresh start: input scales from the sample, then each decomposer's data-dependent init on it."""
+    scales = scaling.input_scales(sample, [k for m in members for k in (m.spec.x_key, m.spec.y_key)], scale_inputs)
+    for m, model in zip(members, models):
+        m.scale_in, m.scale_out = scales[m.spec.x_key], scales[m.spec.y_key]
+        model.init_from_data(jnp.asarray(sample[m.spec.x_key] * np.float32(m.scale_in)),
+                             jnp.asarray(sample[m.spec.y_key] * np.float32(m.scale_out)))
+        _check_float32(model, m.spec.name)
+
+
+def _place(members: list[_Member], models: list[base.Decomposer], cfg: TrainConfig, mesh) -> tuple[list, list]:
+    """Each member's pure state (model, Adam, dead counters) laid out on the mesh, and its shardings."""
+    states, shardings = [], []
+    for m, model in zip(members, models):
+        tx = optim.adam(m.schedule, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.grad_clip)
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        m.model_def, model_state = nnx.split(model)
+        m.opt_def, opt_state = nnx.split(opt)
+        state = (model_state, opt_state, {"dead_tokens": np.zeros(m.spec.config.n_features, np.int32)})
+        state_sharding = sharding.tree_shardings(state, mesh, m.spec.config.n_features)
+        states.append(sharding.place(state, state_sharding))
+        shardings.append(state_sharding)
+    return states, shardings
+
+
+def _records(members: list[_Member], history: list, step: int, batch_size: int, tokens_per_s: float) -> dict:
+    """One log record per member: metric means over the steps since the last log, lr and dead_frac as now."""
+    records = {}
+    for i, m in enumerate(members):
+        record = {k: float(np.mean([h[i][k] for h in history])) for k in history[0][i] if k != "finite"}
+        record.update({k: float(history[-1][i][k]) for k in LAST_VALUE})
+        record.update(tokens=step * batch_size, tokens_per_s=tokens_per_s)
+        records[m.spec.name] = record
+    return records
 
 
 def _save_final(m: _Member, model_state, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:

@@ -126,6 +126,8 @@ def fit_memory(
     init: str | jax.Array = "svd",
     inner_steps: int = 5,
     refit_steps: int = 10,
+    g_update: str = "mu",
+    reseed_every: int = 0,
     max_iters: int = 500,
     patience: int = 50,
     tol: float = 1e-4,
@@ -142,7 +144,8 @@ def fit_memory(
     n, d = x.shape
     if not 0 < k <= n:
         raise ValueError(f"K = {k} features need 0 < K <= rows; got {n} rows")
-    opts = solver.SolverOptions(keep=solver.keep_count(d, keep_fraction), inner=inner_steps, refit=refit_steps)
+    opts = solver.SolverOptions(keep=solver.keep_count(d, keep_fraction), inner=inner_steps, refit=refit_steps,
+                                 g_update=g_update, reseed_every=reseed_every)
     g0 = initial_codes(x, k, init, seed) if isinstance(init, str) else jnp.asarray(init, jnp.float32)
     if g0.shape != (n, k):
         raise ValueError(f"initial codes must be (n, K) = {(n, k)}, got {g0.shape}")

@@ -40,6 +40,9 @@ def evaluate(args: EvalArgs) -> int:
     model = from_dict(ModelConfig, data["model"], where=f"{args.config} [model]") if "model" in data else None
     if args.only:
         cfg.decomposers = list(args.only)
+    corpus = str(data.get("corpus", {}).get("path", ""))
+    if cfg.steering is not None and not cfg.steering.get("corpus") and corpus.endswith((".jsonl", ".jsonl.gz")):
+        cfg.steering = {**cfg.steering, "corpus": corpus}  # the run's labelled corpus judges the steered text
     cache = cfg.cache or data.get("train", {}).get("cache") or ""
     evaluate_run(out_dir(data, args.config), cfg, force=args.force, cache_path=Path(cache) if cache else None,
                  model_config=model)

@@ -55,11 +55,11 @@ def _model_reference(data: dict, root: Path) -> tuple[str | None, dict]:
     table = data.get("model") or {}
     name = table.get("name")
     if name is None:
-        try:
-            from dictlearn.activations.cache import ActivationCache
+        from dictlearn.activations.cache import ActivationCache, CacheError
 
+        try:
             name = ActivationCache.open(root / "cache").model_name
-        except Exception:  # no cache: the features simply name no model
+        except (CacheError, FileNotFoundError, KeyError):  # no cache: the features simply name no model
             name = None
     if name and Path(name).expanduser().exists():
         name = str(Path(name).expanduser().resolve())

@@ -32,9 +32,9 @@ class TrainArgs:
     config: Annotated[Path, tyro.conf.Positional]
     """the run config (TOML)"""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """config override key.path=value (repeatable), e.g. --set train.lr=1e-4"""
+    """config override key.path=value, e.g. --set train.lr=1e-4"""
     only: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """train only the decomposer with this name (repeatable)"""
+    """train only the decomposer with this name"""
 
 
 def load_kinds() -> dict[str, type]:

@@ -33,6 +33,9 @@ class SolverOptions(NamedTuple):
     keep: int  # entries kept per column of F; >= d means no sparsity step
     inner: int = 1  # multiplicative G updates per F update (the paper: 1)
     refit: int = 0  # masked conjugate-gradient steps refitting F on its support (the paper: 0)
+    g_update: str = "mu"  # "mu": the paper's multiplicative rule; "pgd": accelerated projected gradient
+    reseed_every: int = 0  # every this many iterations, restart duplicate or dead features (0: never)
+    reseed_cos: float = 0.99  # two features with cosine above this are duplicates
     ridge: float = RIDGE
     eps: float = EPS
 
@@ -157,9 +160,41 @@ def memory_iteration(x: jax.Array, sq_x: jax.Array, f: jax.Array, g: jax.Array, 
     f = f * norms
     p = x @ f
     q = f.T @ f
-    g = mu_steps(g, p, q, opts.inner, opts.eps)
+    if opts.g_update == "pgd":
+        g = pgd_steps(g, p, q, opts.inner, opts.eps)
+    else:
+        g = mu_steps(g, p, q, opts.inner, opts.eps)
     gtg = g.T @ g
     return f, g, gtg, loss_from_stats(sq_x, p, g, q, gtg)
+
+
+def reseed_features(x: jax.Array, sq_rows: jax.Array, f: jax.Array, g: jax.Array, gtg: jax.Array, opts: SolverOptions):
+    """Restart features that duplicate an earlier one or died, from the worst-reconstructed rows.
+
+    Alternating solvers settle in local minima where two features share one direction and a true
+    direction is left unexplained. A flagged feature gets the codes relu(R u), R the current residual
+    and u the residual of one of the worst-reconstructed rows (a different row per flagged feature),
+    so the next F update turns it toward what is missing. Costs nothing unless a feature is flagged."""
+    k = f.shape[1]
+    fnorm = jnp.linalg.norm(f, axis=0)
+    fn = f / jnp.maximum(fnorm, NORM_FLOOR)
+    cos = jnp.triu(fn.T @ fn, k=1)
+    flag = (jnp.max(cos, axis=0) > opts.reseed_cos) | (fnorm <= NORM_FLOOR) | (jnp.diag(gtg) <= NORM_FLOOR**2)
+
+    def restart(_):
+        q = f.T @ f
+        p = x @ f
+        res_sq = sq_rows - 2.0 * jnp.sum(p * g, axis=1) + jnp.sum((g @ q) * g, axis=1)
+        worst = jax.lax.top_k(res_sq, k)[1]
+        rows = worst[jnp.clip(jnp.cumsum(flag) - 1, 0, k - 1)]  # the i-th flagged feature takes the i-th worst row
+        u = x[rows] - g[rows] @ f.T  # (K, d) residuals of those rows
+        u = u / jnp.maximum(jnp.linalg.norm(u, axis=1, keepdims=True), NORM_FLOOR)
+        codes = jnp.maximum(x @ u.T - g @ (f.T @ u.T), 0.0)
+        codes = codes + 1e-3 * jnp.max(codes, axis=0, keepdims=True) + 1e-12  # multiplicative updates need > 0
+        g_new = jnp.where(flag[None, :], codes, g)
+        return g_new, g_new.T @ g_new
+
+    return jax.lax.cond(jnp.any(flag), restart, lambda _: (g, gtg), None)
 
 
 @partial(jax.jit, static_argnames=("n_iters", "opts"), donate_argnames=("state",))
@@ -185,7 +220,11 @@ def memory_chunk(
 
     def body(c):
         j, s, losses = c
-        f, g, gtg, loss = memory_iteration(x, sq_x, s.f, s.g, s.gtg, opts)
+        g, gtg = s.g, s.gtg
+        if opts.reseed_every > 0:
+            g, gtg = jax.lax.cond((s.it > 0) & (s.it % opts.reseed_every == 0),
+                                  lambda: reseed_features(x, sq_rows, s.f, s.g, s.gtg, opts), lambda: (s.g, s.gtg))
+        f, g, gtg, loss = memory_iteration(x, sq_x, s.f, g, gtg, opts)
         better = loss < s.best_loss * (1.0 - rel_tol)
         best_f, best_g = jax.lax.cond(better, lambda: (f, g), lambda: (s.best_f, s.best_g))
         s = MemoryState(
@@ -196,6 +235,7 @@ def memory_chunk(
         )
         return j + 1, s, losses.at[j].set(loss)
 
+    sq_rows = jnp.sum(x * x, axis=1) if opts.reseed_every > 0 else None
     losses = jnp.full((n_iters,), jnp.nan, jnp.float32)
     _, state, losses = jax.lax.while_loop(cond, body, (jnp.array(0, jnp.int32), state, losses))
     return state, losses
@@ -225,14 +265,14 @@ def randomized_svd(x: jax.Array, key: jax.Array, rank: int, power_iters: int = 2
 
 
 def init_svd(x: jax.Array, key: jax.Array, k: int, floor: float = 0.01) -> jax.Array:
-    """Codes from a rank-ceil(K/2) SVD with each component split by sign: G = [U S]+ and [U S]-.
+    """Codes from the rank-K SVD: each component U_j S_j signed so that its positive part holds
+    more mass, then clipped at zero (Ding et al.'s SVD start; the reference code clips unsigned).
 
-    With F from least squares these K codes reproduce the rank-K/2 SVD exactly (plus the floor).
     The floor, relative to each column's largest entry, lets multiplicative updates revive zeros."""
-    r = (k + 1) // 2
-    u, s, _ = randomized_svd(x, key, r)
+    u, s, _ = randomized_svd(x, key, k)
     us = u * s
-    g = jnp.concatenate([positive_part(us), negative_part(us)], axis=1)[:, :k]
+    sign = jnp.where(jnp.sum(positive_part(us), axis=0) >= jnp.sum(negative_part(us), axis=0), 1.0, -1.0)
+    g = positive_part(us * sign)
     return g + floor * jnp.max(g, axis=0, keepdims=True) + 1e-6
 
 
@@ -286,6 +326,12 @@ def solve_codes(p: jax.Array, q: jax.Array, iters: int, method: str = "pgd", eps
         return mu_steps(g0, p, q, iters, eps)
     if method != "pgd":
         raise ValueError(f"unknown code solver {method!r}; use 'pgd' or 'mu'")
+    return pgd_steps(g0, p, q, iters, eps)
+
+
+def pgd_steps(g: jax.Array, p: jax.Array, q: jax.Array, steps: int, eps: float = EPS) -> jax.Array:
+    """`steps` of accelerated projected gradient (FISTA, step 1/lambda_max(Q)) from G, for
+    min_{G >= 0} ||X - G F^T||^2 with P = X F and Q = F^T F fixed."""
     lip = jnp.maximum(jnp.linalg.eigvalsh(q)[-1], eps)
 
     def body(_, c):
@@ -294,7 +340,7 @@ def solve_codes(p: jax.Array, q: jax.Array, iters: int, method: str = "pgd", eps
         t_new = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
         return g_new, g_new + ((t - 1.0) / t_new) * (g_new - g), t_new
 
-    g, _, _ = jax.lax.fori_loop(0, iters, body, (g0, g0, jnp.array(1.0, p.dtype)))
+    g, _, _ = jax.lax.fori_loop(0, steps, body, (g, g, jnp.array(1.0, p.dtype)))
     return g
 
 

@@ -1,0 +1,133 @@
+"""Sparse kernels equal their dense references, in values and in gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from dictlearn.decomposers import sparse_ops as so
+from dictlearn.decomposers.batchtopk import kth_largest_nonneg
+
+B, N, D, K = 64, 96, 12, 5
+
+
+def _problem(seed=0, b=B, n=N, d=D, k=K):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (b, d))
+    w_enc = jax.random.normal(keys[1], (n, d)) / np.sqrt(d)
+    b_enc = 0.1 * jax.random.normal(keys[2], (n,))
+    w_dec = jax.random.normal(keys[3], (n, d))
+    pre = x @ w_enc.T + b_enc
+    _, idx = jax.lax.top_k(pre, k)
+    return x, w_enc, b_enc, w_dec, pre, idx
+
+
+@pytest.mark.parametrize("shape,k", [((7, 300), 32), ((64, 96), 5), ((3, 40), 40), ((2, 5, 33), 4)])
+def test_top_k_equals_lax_top_k(shape, k):
+    x = jax.random.normal(jax.random.key(1), shape)
+    v, i = so.top_k(x, k)
+    rv, ri = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+
+
+def test_top_k_with_ties_selects_the_same_values():
+    x = jnp.round(jax.random.normal(jax.random.key(2), (16, 200)) * 2) / 2  # many ties
+    v, i = so.top_k(x, 20)
+    rv, _ = jax.lax.top_k(x, 20)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+    np.testing.assert_array_equal(np.asarray(jnp.take_along_axis(x, i, axis=1)), np.asarray(v))
+    assert all(len(set(row)) == 20 for row in np.asarray(i).tolist())  # distinct indices
+
+
+def test_top_k_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must|0 < k"):
+        so.top_k(jnp.zeros((2, 4)), 5)
+
+
+def test_densify_and_fired_mask():
+    codes = so.SparseCodes(jnp.array([[1.0, 0.0], [2.0, 3.0]]), jnp.array([[4, 1], [0, 4]]))
+    dense = so.densify(codes, 6)
+    np.testing.assert_array_equal(np.asarray(dense), [[0, 0, 0, 0, 1, 0], [2, 0, 0, 0, 3, 0]])
+    np.testing.assert_array_equal(np.asarray(so.fired_mask(codes, 6)), [True, False, False, False, True, False])
+
+
+@pytest.mark.parametrize("k", [K, 80])  # 80 > UNROLL_SLOTS: the chunked path
+def test_gather_decode_matches_dense(k):
+    x, _, _, w_dec, pre, _ = _problem()
+    vals, idx = jax.lax.top_k(pre, k)
+
+    def sparse(v, w):
+        return jnp.sum(jnp.sin(so.gather_decode(v, idx, w)))
+
+    def dense(v, w):
+        return jnp.sum(jnp.sin(so.densify(so.SparseCodes(v, idx), N) @ w))
+
+    np.testing.assert_allclose(sparse(vals, w_dec), dense(vals, w_dec), rtol=1e-5)
+    gs, gd = jax.grad(sparse, (0, 1))(vals, w_dec), jax.grad(dense, (0, 1))(vals, w_dec)
+    for a, b in zip(gs, gd):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_gather_encode_matches_dense():
+    x, w_enc, b_enc, _, _, idx = _problem()
+
+    def sparse(x, w, b):
+        pre = jax.lax.stop_gradient(x @ w.T + b)
+        return jnp.sum(jnp.cos(so.gather_encode(x, w, b, pre, idx)))
+
+    def dense(x, w, b):
+        return jnp.sum(jnp.cos(jnp.take_along_axis(x @ w.T + b, idx, axis=1)))
+
+    np.testing.assert_allclose(sparse(x, w_enc, b_enc), dense(x, w_enc, b_enc), rtol=1e-6)
+    gs = jax.grad(sparse, (0, 1, 2))(x, w_enc, b_enc)
+    gd = jax.grad(dense, (0, 1, 2))(x, w_enc, b_enc)
+    for a, b in zip(gs, gd):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_custom_vjps_pass_numerical_gradient_check():
+    x, w_enc, b_enc, w_dec, pre, idx = _problem(b=8, n=20, d=6, k=3)
+    x, w_enc, b_enc, w_dec = (a.astype(jnp.float64) if jax.config.x64_enabled else a for a in (x, w_enc, b_enc, w_dec))
+
+    def enc(x, w, b):
+        return so.gather_encode(x, w, b, jax.lax.stop_gradient(x @ w.T + b), idx)
+
+    check_grads(enc, (x, w_enc, b_enc), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
+    vals = jnp.take_along_axis(pre, idx, axis=1)
+    check_grads(lambda v, w: so.gather_decode(v, idx, w), (vals, w_dec), order=1, modes=["rev"],
+                atol=2e-2, rtol=2e-2, eps=1e-2)
+
+
+def test_scatter_rows_is_the_transpose_of_gather_combine():
+    x, _, _, _, pre, idx = _problem()
+    vals = jnp.take_along_axis(pre, idx, axis=1)
+    got = so.scatter_rows(vals, idx, x, N)
+    want = so.densify(so.SparseCodes(vals, idx), N).T @ x
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_step_has_no_dense_backward():
+    """The jitted gradient of a TopK reconstruction contains exactly one (B, n) x (n, d)-sized dot:
+    the forward encoder matmul. The backward adds none."""
+    x, w_enc, b_enc, w_dec, _, _ = _problem(b=64, n=512, d=16)
+
+    def loss(w_enc, w_dec):
+        pre = x @ w_enc.T + b_enc
+        _, idx = jax.lax.top_k(jax.lax.stop_gradient(pre), 4)
+        v = jax.nn.relu(so.gather_encode(x, w_enc, b_enc, jax.lax.stop_gradient(pre), idx))
+        return jnp.sum((so.gather_decode(v, idx, w_dec) - x) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(w_enc, w_dec).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line and "512" in line.split("dot_general")[0]]
+    assert len(dots) == 1, dots
+
+
+def test_kth_largest_nonneg_is_exact():
+    z = jax.nn.relu(jax.random.normal(jax.random.key(3), (50, 70)))
+    flat = np.sort(np.asarray(z).ravel())[::-1]
+    for kth in (1, 7, 100, 1234, 3500):
+        assert float(kth_largest_nonneg(z, kth)) == flat[kth - 1]
