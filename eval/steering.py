@@ -58,9 +58,8 @@ per hookpoint. On 2 CPU cores a run of 32 continuations x 32 tokens takes about 
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -119,7 +118,7 @@ class SteeringConfig:
     hookpoints: list[str] = field(default_factory=list)  # extra DiffMean/random sites
     probe_hookpoint: str = ""  # "" : resid_post at half depth
     window_tokens: int = 32
-    windows_per_class: int = 48  # training windows per concept (and 2x for "other")
+    windows_per_class: int = 64  # training windows per concept (and 2x for "other")
     held_out_windows: int = 24  # held-out windows per class
     judge_samples_per_prompt: int = 2  # unsteered continuations of JUDGE_PROMPTS as negatives
     lexical_docs_per_label: int = 300  # training documents per label for the lexical judge
@@ -195,11 +194,20 @@ class _null:
 # ----------------------------------------------------------------------------- helpers
 
 def steering_site(model: torch.nn.Module, decomposer) -> tuple[Hookpoint, np.ndarray]:
-    """Where a decomposer steers and its (n_features, width) directions there."""
+    """Where a decomposer steers and its (n_features, width) directions there.
+
+    Default: rows of `features()` at `hookpoint_out`. A decomposer may override with
+    `steering_directions() -> (hookpoint, directions)`. Semi-NMF of `mlp_hidden.L` with stored residual
+    directions steers at `mlp_out.L` along F^T W_out (`resid_features()`): the same change to the model as
+    adding F's columns to the hidden activation, but in the residual space (so it has a vocabulary projection)."""
+    hp_out = decomposer.config.hookpoint_out
     if hasattr(decomposer, "steering_directions"):
         hp_name, dirs = decomposer.steering_directions()
+    elif (m := re.fullmatch(r"mlp_hidden\.(\d+)", hp_out)) and getattr(decomposer.config, "d_model", 0) > 0 \
+            and hasattr(decomposer, "resid_features"):
+        hp_name, dirs = f"mlp_out.{m.group(1)}", decomposer.resid_features()
     else:
-        hp_name, dirs = decomposer.config.hookpoint_out, decomposer.features()
+        hp_name, dirs = hp_out, decomposer.features()
     hp = resolve(model, hp_name)[0]
     dirs = np.array(dirs, np.float32)
     if dirs.ndim != 2 or dirs.shape[1] != hp.width:
@@ -493,25 +501,35 @@ def _labelled_windows(ev: _Evaluation, rng: np.random.Generator) -> dict:
 
 
 def _feature_stats(ev: _Evaluation, name: str, dec, windows) -> tuple[np.ndarray, np.ndarray, int]:
-    """(max activation, firing count, tokens seen) per feature: from the cache's eval split when it holds
-    the decomposer's input hookpoint, else from the training windows."""
-    hp = dec.config.hookpoint_in
-    cache = ev.cache
-    if cache is not None and hp in getattr(cache, "hookpoints", {}):
-        fmax, fired, n = np.zeros(dec.config.n_features, np.float32), np.zeros(dec.config.n_features, np.int64), 0
-        for sid in cache.shard_ids("eval") or cache.shard_ids("all"):
-            x = np.asarray(cache.shard_arrays(sid, keys=[hp])[hp], np.float32)[: ev.cfg.cache_rows - n]
-            _, m, f = pooled_codes(dec, [x], np.zeros(0, int))
-            fmax, fired, n = np.maximum(fmax, m), fired + f, n + len(x)
-            if n >= ev.cfg.cache_rows:
-                break
-        if n > 0:
-            return fmax, fired, n
+    stats_ = cache_feature_stats(dec, ev.cache, ev.cfg.cache_rows) if ev.cache is not None else None
+    if stats_ is not None:
+        return stats_
     if windows is None:
-        raise ValueError(f"no activations to find live features of {name}: pass a cache holding {hp} or a labelled corpus")
+        raise ValueError(f"no activations to find live features of {name}: pass a cache holding "
+                         f"{dec.config.hookpoint_in} or a labelled corpus")
     toks = windows["train"]["tokens"][ev.hp_in[name].name]
     _, fmax, fired = pooled_codes(dec, toks, np.zeros(0, int))
     return fmax, fired, int(sum(len(t) for t in toks))
+
+
+def cache_feature_stats(dec, cache, max_rows: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(max activation, firing count, rows read) per feature over up to max_rows rows of the cache's eval
+    shards (all shards if it has none); None when the cache lacks the decomposer's input hookpoint."""
+    from dictlearn.activations.cache import to_float32
+
+    hp = dec.config.hookpoint_in
+    if hp not in getattr(cache, "hookpoints", {}):
+        return None
+    n_feat = dec.config.n_features
+    fmax, fired, n = np.zeros(n_feat, np.float32), np.zeros(n_feat, np.int64), 0
+    for sid in cache.shard_ids("eval") or cache.shard_ids("all"):
+        x = to_float32(np.asarray(cache.shard_arrays(sid, keys=[hp])[hp][: max_rows - n]))
+        if len(x):
+            _, m, f = pooled_codes(dec, [x], np.zeros(0, int))
+            fmax, fired, n = np.maximum(fmax, m), fired + f, n + len(x)
+        if n >= max_rows:
+            break
+    return (fmax, fired, n) if n > 0 else None
 
 
 def _best_features(ev: _Evaluation, name: str, dec, windows, live: np.ndarray) -> dict[str, dict]:

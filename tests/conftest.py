@@ -64,14 +64,14 @@ def smol_cache(smol, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_grad_cache(smol, tmp_path_factory):
-    """A small real cache with gradients: 2,048 tokens, resid_post.10 and resid_post.10@grad
-    (d of the summed next-token loss); 4 shards of 4 sequences, 1 held out. Gradients need the full
+    """A small real cache with gradients: 1,024 tokens, resid_post.10 and resid_post.10@grad
+    (d of the summed next-token loss); 2 shards of 4 sequences, 1 held out. Gradients need the full
     forward and a backward pass, about 10x the cost of a truncated harvest, hence the small size."""
     from dictlearn.activations.corpus import CorpusConfig
     from dictlearn.activations.harvest import HarvestConfig, harvest
 
     corpus = CorpusConfig(path=str(CORPUS), context_length=128)
-    config = HarvestConfig(hookpoints=["resid_post.10"], gradients=["resid_post.10"], n_tokens=2048,
+    config = HarvestConfig(hookpoints=["resid_post.10"], gradients=["resid_post.10"], n_tokens=1024,
                            batch_size=4, shard_mb=0.6, eval_fraction=0.25)
     return harvest(smol, corpus, config, tmp_path_factory.mktemp("smol_grad_cache") / "cache", progress=False)
 

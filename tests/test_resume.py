@@ -91,3 +91,48 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
         for ra, rb in zip(log_a, log_b):
             assert {k: ra[k] for k in ("loss", "mse", "fvu", "l0", "dead_frac", "lr")} == \
                    {k: rb[k] for k in ("loss", "mse", "fvu", "l0", "dead_frac", "lr")}, ra["step"]
+
+
+def test_checkpoint_round_trip_keeps_rng_keys_and_counters(tmp_path):
+    """A decomposer that carries an nnx.Rngs (typed PRNG keys) and integer buffers restores exactly."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from trainers import sharding
+    from trainers.checkpoint import Checkpointer, common_step
+
+    class WithRng(nnx.Module):
+        def __init__(self, seed: int):
+            self.w = nnx.Param(jnp.arange(6.0).reshape(2, 3) * (seed + 1))
+            self.count = nnx.Variable(jnp.array(seed, jnp.int32))
+            self.rngs = nnx.Rngs(seed)
+
+    module = WithRng(1)
+    module.rngs.dropout()  # advance the stream: the count must survive too
+    opt = nnx.Optimizer(module, optax.adam(1e-3), wrt=nnx.Param)
+    mesh = sharding.make_mesh(1, 1)
+    model_state, opt_state = nnx.state(module), nnx.state(opt)
+    model_state = sharding.place(model_state, sharding.tree_shardings(model_state, mesh, 3))
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(7, model_state, opt_state, {"dead_tokens": np.arange(3, dtype=np.int32)}, {"step": 7})
+    ck.save(9, model_state, opt_state, {"dead_tokens": np.arange(3, dtype=np.int32)}, {"step": 9})
+    ck.close()
+    fresh = WithRng(5)
+    ck = Checkpointer(tmp_path / "ck")
+    assert ck.steps() == [7, 9] and common_step([ck]) == 9
+    got_model, got_opt, got_trainer, meta = ck.restore(9, nnx.state(fresh), nnx.state(nnx.Optimizer(fresh, optax.adam(1e-3), wrt=nnx.Param)),
+                                                       {"dead_tokens": jnp.zeros(3, jnp.int32)})
+    ck.close()
+    assert meta == {"step": 9}
+    np.testing.assert_array_equal(got_trainer["dead_tokens"], np.arange(3))
+    before, after = jax.tree.leaves(model_state), jax.tree.leaves(got_model)
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            assert jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key)
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    nnx.update(fresh, got_model)
+    assert int(fresh.count[...]) == 1 and np.array_equal(np.asarray(fresh.w[...]), np.arange(6.0).reshape(2, 3) * 2)

@@ -69,7 +69,8 @@ def test_jax_solver_matches_numpy_transcription():
     g0 = np.asarray(solver.init_random(jax.random.PRNGKey(3), 400, 6))
     keep = solver.keep_count(48, 0.1)
     expected = reference_losses(x, g0, keep, 50)
-    res = snmf_trainer.fit_memory(x, 6, keep_fraction=0.1, init=g0, inner_steps=1, refit_steps=0, max_iters=50,
+    res = snmf_trainer.fit_memory(x, 6, keep_fraction=0.1, init=g0, inner_steps=1, refit_steps=0, reseed_every=0,
+                                  max_iters=50,
                                   patience=10**6, tol=0.0)
     got = np.array(res.losses)
     assert len(got) == 50
@@ -80,7 +81,7 @@ def test_jax_solver_matches_numpy_transcription():
 def test_loss_never_increases_without_sparsity(inner, refit):
     x, _, _ = planted(2, n=1000, d=32, k=6, noise=0.3)
     res = snmf_trainer.fit_memory(x, 6, keep_fraction=1.0, init="random", inner_steps=inner, refit_steps=refit,
-                                  max_iters=80, patience=10**6, tol=0.0)
+                                  reseed_every=0, max_iters=80, patience=10**6, tol=0.0)
     losses = np.array(res.losses)
     assert len(losses) == 80
     assert np.all(np.diff(losses) <= 1e-5 * losses[:-1]), np.diff(losses).max()
@@ -90,7 +91,7 @@ def test_loss_never_increases_without_sparsity(inner, refit):
 def test_sparse_solve_reports_the_kept_best_solution():
     x, _, _ = planted(3, n=600, d=40, k=8, noise=0.5)
     res = snmf_trainer.fit_memory(x, 8, keep_fraction=0.05, init="random", inner_steps=1, refit_steps=0,
-                                  max_iters=60, patience=10**6, tol=0.0)
+                                  reseed_every=0, max_iters=60, patience=10**6, tol=0.0)
     losses = np.array(res.losses)
     assert np.any(np.diff(losses) > 0), "the test needs a trajectory where the sparsity step raises the loss"
     assert res.best_iter == int(np.argmin(losses)) and res.best_loss == pytest.approx(losses.min(), rel=1e-6)
@@ -140,9 +141,10 @@ def test_encode_recovers_planted_codes(method, tol):
     np.testing.assert_allclose(codes, g_true * norms, atol=tol * np.abs(g_true * norms).max())
     _, metrics = model.loss({"x": jnp.asarray(x), "y": jnp.asarray(x)})
     assert float(metrics["fvu"]) < (1e-5 if method == "pgd" else 1e-2)
-    if method == "pgd":  # projected gradient lands on exact zeros: l0 is the planted 2 per row
-        assert float(metrics["l0"]) == pytest.approx(2.0, abs=0.05)
-        assert metrics["fired"].shape == (8,) and bool(metrics["fired"].all())
+    assert float(metrics["l0"]) == pytest.approx(float(np.mean(np.sum(codes > 0, axis=1))))
+    assert metrics["fired"].shape == (8,) and bool(metrics["fired"].all())
+    # the planted 2 features per row carry the codes (the rest is float noise on zero-gradient entries)
+    assert np.mean(np.sum(codes > 1e-4 * codes.max(), axis=1)) == pytest.approx(2.0, abs=0.02)
 
 
 def test_save_load_round_trip(tmp_path):

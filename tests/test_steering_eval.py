@@ -13,8 +13,10 @@ from eval.steering import (
     NEUTRAL_PROMPTS,
     SteeringConfig,
     best_feature_per_concept,
+    cache_feature_stats,
     evaluate_steering,
     generate_continuations,
+    steering_site,
     vocab_projection,
 )
 
@@ -56,6 +58,50 @@ def test_vocab_projection_is_the_logit_lens(tiny_gpt2):
     ln = tiny_gpt2.transformer.ln_f.weight.detach().numpy()
     assert np.allclose(proj, tiny_gpt2.lm_head.weight.detach().numpy() @ (ln * d), atol=1e-5)
     assert vocab_projection(tiny_gpt2, np.ones(7, np.float32)) is None  # not a residual-stream direction
+
+
+def test_semi_nmf_steers_in_the_residual_stream(tiny_gpt2):
+    from dictlearn.decomposers.snmf import SemiNMF, SNMFConfig
+    from flax import nnx
+
+    def snmf(d_model):
+        cfg = SNMFConfig(d_in=128, n_features=4, hookpoint_in="mlp_hidden.1", d_model=d_model)
+        return SemiNMF(cfg, rngs=nnx.Rngs(0))
+
+    with_resid = snmf(0)
+    w_out = np.random.default_rng(0).standard_normal((128, 32)).astype(np.float32)
+    with_resid.set_w_out(w_out)
+    hp, dirs = steering_site(tiny_gpt2, with_resid)
+    assert hp.name == "mlp_out.1" and np.allclose(dirs, np.asarray(with_resid.features()) @ w_out, atol=1e-4)
+    hp, dirs = steering_site(tiny_gpt2, snmf(0))  # no residual directions stored: steer the hidden layer
+    assert hp.name == "mlp_hidden.1" and dirs.shape == (4, 128)
+
+
+class FakeCache:
+    """The two ActivationCache methods the feature statistics use, over in-memory shards."""
+
+    def __init__(self, shards: list[tuple[str, np.ndarray]]):
+        self.hookpoints = {"resid_post.1": {"width": 4, "dtype": "float32"}}
+        self._shards = shards
+
+    def shard_ids(self, split="all"):
+        return [i for i, (s, _) in enumerate(self._shards) if split in ("all", s)]
+
+    def shard_arrays(self, index, keys=None):
+        return {"resid_post.1": self._shards[index][1]}
+
+
+def test_feature_stats_from_the_cache_eval_shards():
+    w = np.eye(4, 3, dtype=np.float32)  # feature j reads dimension j; dimension 3 is read by none
+    dec = LinearReLU(w, np.zeros(3), w.T.copy(), np.zeros(4), hookpoint_in="resid_post.1")
+    train = np.full((5, 4), 100.0, np.float32)  # must be ignored: eval shards only
+    ev1 = np.array([[1.0, 0, 0, 9], [3.0, -1, 0, 0]], np.float32)
+    ev2 = np.array([[0.0, 2, 0, 0], [0.0, 5, 0, 0], [7.0, 7, 7, 7]], np.float32)
+    fmax, fired, n = cache_feature_stats(dec, FakeCache([("train", train), ("eval", ev1), ("eval", ev2)]), max_rows=4)
+    assert n == 4  # stops at max_rows: the last eval row (7, 7, 7) is not read
+    assert fmax.tolist() == [3.0, 5.0, 0.0] and fired.tolist() == [2, 2, 0]
+    other = LinearReLU(w, np.zeros(3), w.T.copy(), np.zeros(4), hookpoint_in="resid_post.2")
+    assert cache_feature_stats(other, FakeCache([("eval", ev1)]), 10) is None  # hookpoint not cached
 
 
 def test_config_errors():
@@ -120,7 +166,7 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
     assert set(judges["base_rate"]["sport"]) == {"probe", "lexical", "both", "judged"}
 
 
-def diffmean_vs_random(smol, corpus, n_prompts, samples, concepts, max_new_tokens=24, windows=(24, 8)):
+def diffmean_vs_random(smol, corpus, n_prompts, samples, concepts, max_new_tokens=24, windows=(64, 8)):
     cfg = SteeringConfig(kl_targets=[0.5], summary_kl=0.5, n_prompts=n_prompts, samples_per_prompt=samples,
                          max_new_tokens=max_new_tokens, n_features=0, concepts=concepts, corpus=corpus,
                          hookpoints=["resid_post.10"], windows_per_class=windows[0], held_out_windows=windows[1],
@@ -131,7 +177,9 @@ def diffmean_vs_random(smol, corpus, n_prompts, samples, concepts, max_new_token
 def test_diffmean_sport_beats_random_direction_at_equal_kl(smol, corpus):
     """Issue 5: DiffMean for sport at resid_post.10, KL 0.5, raises the judged sport rate significantly
     more than a random direction calibrated to the same KL (small version; the full one is marked slow)."""
-    res = diffmean_vs_random(smol, corpus, n_prompts=8, samples=2, concepts=["sport"])
+    res = diffmean_vs_random(smol, corpus, n_prompts=8, samples=4, concepts=["sport"])
+    print(json.dumps({"judges": res["judges"], "diffmean": res["records"]["diffmean@resid_post.10"]["concept_curve"],
+                      "random": res["records"]["random@resid_post.10"]["concept_curve"]}, indent=1))
     dm = res["records"]["diffmean@resid_post.10"]["concept_curve"][0]
     rnd = res["records"]["random@resid_post.10"]["concept_curve"][0]
     assert abs(dm["kl"] - 0.5) <= 0.05 and abs(rnd["kl"] - 0.5) <= 0.05
@@ -145,7 +193,7 @@ def test_diffmean_sport_beats_random_direction_at_equal_kl(smol, corpus):
 def test_diffmean_topics_beat_random_full_size(smol, corpus):
     """The full-size version: 32 neutral prompts x 4 samples, every BBC topic, one random direction."""
     topics = ["business", "entertainment", "politics", "sport", "tech"]
-    res = diffmean_vs_random(smol, corpus, n_prompts=32, samples=4, concepts=topics, max_new_tokens=32, windows=(48, 24))
+    res = diffmean_vs_random(smol, corpus, n_prompts=32, samples=4, concepts=topics, max_new_tokens=32, windows=(64, 24))
     curve = res["records"]["diffmean@resid_post.10"]["concept_curve"][0]
     per = curve["per_concept"]
     print(json.dumps({"judges": res["judges"], "diffmean": curve,

@@ -385,3 +385,25 @@ k_aux = 32
     x = BatchLoader(smol_cache, ["resid_post.10"], 512, split="eval").batch(0)["resid_post.10"]
     fvu = float(np.sum((np.asarray(saved(jnp.asarray(x))) - x) ** 2) / np.sum((x - x.mean(0)) ** 2))
     assert fvu < 1.2 * log[-1]["fvu"] + 0.05, (fvu, log[-1]["fvu"])  # held-out raw rows, scale folded in
+
+
+def test_cli_sends_snmf_tables_to_the_semi_nmf_solver(smol_cache, smol, tmp_path, monkeypatch):
+    """kind = "snmf" goes to trainers.snmf.train_snmf with the cache's MLP output weight, (d_mlp, d_model)."""
+    import dictlearn.activations.models as models
+    import trainers.snmf
+    from dictlearn.cli import main
+
+    calls, loaded = [], []
+    monkeypatch.setattr(models, "load_model", lambda name, *a, **k: loaded.append(name) or smol)  # already loaded
+    monkeypatch.setattr(trainers.snmf, "train_snmf", lambda *args: calls.append(args) or args[2])
+    config = tmp_path / "nmf.toml"
+    config.write_text(f'out_dir = "{tmp_path / "run"}"\n[train]\ncache = "{smol_cache.path}"\nseed = 3\n'
+                      '[[decomposers]]\nname = "nmf"\nkind = "snmf"\nhookpoint_in = "mlp_hidden.10"\nn_features = 64\n')
+    assert main(["train", str(config)]) == 0
+    (table, cache, folder, w_out, seed), = calls
+    assert loaded == [smol_cache.model_name]
+    assert table["kind"] == "snmf" and table["n_features"] == 64 and cache.path == smol_cache.path
+    assert folder == tmp_path / "run" / "decomposers" / "nmf" and seed == 3
+    down_proj = smol.model.model.layers[10].mlp.down_proj.weight.detach().float().numpy()  # (d_model, d_mlp)
+    assert w_out.shape == (1536, 576)
+    np.testing.assert_array_equal(w_out, down_proj.T)

@@ -39,10 +39,11 @@ class SNMFTrainConfig:
     n_features: int = 0  # K; give this or expansion
     expansion: float = 0.0  # K = expansion * d_mlp
     solver: str = "memory"  # memory | streaming
-    init: str = "svd"  # random (the paper's default) | svd | kmeans
+    init: str = "kmeans"  # random (the paper's default) | svd | kmeans
     keep_fraction: float = 0.01  # fraction of d_mlp kept per feature (winner-take-all); 1.0: no sparsity
     inner_steps: int = 5  # multiplicative G updates per F update (the paper: 1)
     refit_steps: int = 10  # conjugate-gradient steps refitting F on its kept support (the paper: 0)
+    reseed_every: int = 10  # restart duplicate/dead features every this many iterations (0: never; the paper: 0)
     max_iters: int = 500  # in-memory iterations at most
     patience: int = 50  # stop after this many iterations without a relative improvement of tol
     tol: float = 1e-4  # relative improvement of the best loss that resets patience
@@ -82,8 +83,8 @@ class SNMFTrainConfig:
                      "init_rows", "init_iters", "encode_iters", "inner_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.refit_steps < 0 or self.tol < 0:
-            raise ValueError("refit_steps and tol must not be negative")
+        if self.refit_steps < 0 or self.reseed_every < 0 or self.tol < 0:
+            raise ValueError("refit_steps, reseed_every and tol must not be negative")
 
     def n_features_for(self, d_in: int) -> int:
         return self.n_features if self.n_features > 0 else max(1, int(round(self.expansion * d_in)))
@@ -123,11 +124,10 @@ def fit_memory(
     k: int,
     *,
     keep_fraction: float = 0.01,
-    init: str | jax.Array = "svd",
+    init: str | jax.Array = "kmeans",
     inner_steps: int = 5,
     refit_steps: int = 10,
-    g_update: str = "mu",
-    reseed_every: int = 0,
+    reseed_every: int = 10,
     max_iters: int = 500,
     patience: int = 50,
     tol: float = 1e-4,
@@ -145,7 +145,7 @@ def fit_memory(
     if not 0 < k <= n:
         raise ValueError(f"K = {k} features need 0 < K <= rows; got {n} rows")
     opts = solver.SolverOptions(keep=solver.keep_count(d, keep_fraction), inner=inner_steps, refit=refit_steps,
-                                 g_update=g_update, reseed_every=reseed_every)
+                                 reseed_every=reseed_every)
     g0 = initial_codes(x, k, init, seed) if isinstance(init, str) else jnp.asarray(init, jnp.float32)
     if g0.shape != (n, k):
         raise ValueError(f"initial codes must be (n, K) = {(n, k)}, got {g0.shape}")
@@ -288,13 +288,14 @@ def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out
     total_sq = float(np.sum(np.square(x, dtype=np.float64)))
     centred_sq = total_sq - float(np.square(x.sum(0, dtype=np.float64)).sum()) / x.shape[0]
     fit_kwargs = dict(keep_fraction=cfg.keep_fraction, init=cfg.init, inner_steps=cfg.inner_steps,
-                      refit_steps=cfg.refit_steps, tol=cfg.tol, chunk_iters=cfg.chunk_iters, seed=seed)
+                      refit_steps=cfg.refit_steps, reseed_every=cfg.reseed_every, tol=cfg.tol, chunk_iters=cfg.chunk_iters, seed=seed)
     failed = True
     try:
         if cfg.solver == "memory":
             def on_chunk(done: int, chunk: np.ndarray, best: float) -> None:
                 for j, loss in enumerate(chunk):
                     step = done - len(chunk) + j
+                    loss = float(loss)
                     logger.log(step, {cfg.name: {"loss": loss / total_sq, "fvu": loss / centred_sq,
                                                  "best_loss": best / total_sq}})
                 logger.advance(len(chunk))

@@ -109,8 +109,10 @@ def to_float32(a: np.ndarray) -> np.ndarray:
     """Cast a stored float16/bfloat16/float32 array to float32 (bfloat16 by a bit shift: exact and fast)."""
     if a.dtype == np.float32:
         return np.array(a, dtype=np.float32, copy=True)
-    if a.dtype.name == "bfloat16":
-        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if a.dtype.name == "bfloat16":  # bfloat16 is the top half of a float32
+        out = np.empty(a.shape, dtype=np.uint32)
+        np.left_shift(a.view(np.uint16), 16, out=out, dtype=np.uint32)
+        return out.view(np.float32)
     return a.astype(np.float32)
 
 

@@ -72,7 +72,7 @@ class BatchTopKSparsity(TopKSparsity):
         self.threshold = Buffer(jnp.zeros((), jnp.float32))  # inference threshold (0 until estimated)
         self.threshold_updates = Buffer(jnp.zeros((), jnp.int32))
 
-    def train_forward(self, coder, x, x_in, pre, batch):
+    def train_forward(self, coder, x, pre, batch):
         n, batch_size = coder.config.n_features, pre.shape[0]
         kth = min(self.k * batch_size, batch_size * n)
         z_sg = jax.nn.relu(jax.lax.stop_gradient(pre))
@@ -81,24 +81,24 @@ class BatchTopKSparsity(TopKSparsity):
         last = cand_v[:, -1]
         saturated = jnp.any((last >= t_cand) & (last > 0)) if self.row_slots < n else jnp.array(False)
 
-        def sparse_path(x, x_in, pre):
-            codes = select_codes(coder, x_in, pre, cand_i)
+        def sparse_path(x, pre):
+            codes = select_codes(coder, x, pre, cand_i)
             codes = SparseCodes(codes.values * (cand_v >= t_cand).astype(pre.dtype), cand_i)
             stats = code_stats(codes, n)
             return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t_cand
 
-        def dense_path(x, x_in, pre):
+        def dense_path(x, pre):
             z = jax.nn.relu(pre)
             t = kth_largest_nonneg(jax.nn.relu(jax.lax.stop_gradient(pre)), kth)
             codes = z * (jax.lax.stop_gradient(z) >= t).astype(z.dtype)
             stats = code_stats(codes, n)
             return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t
 
-        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, x_in, pre)
+        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, pre)
         stats = {"l0": l0, "fired": fired, "batch_threshold": t, "dense_fallback": saturated.astype(jnp.float32)}
         return y_hat, None, stats
 
-    def infer_codes(self, coder, x_in, pre, grad) -> Codes:
+    def infer_codes(self, coder, x, pre, grad) -> Codes:
         return pre * (pre > self.threshold[...]).astype(pre.dtype)
 
     def after_step(self, metrics) -> None:

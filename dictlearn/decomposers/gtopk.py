@@ -53,13 +53,13 @@ class GTopKSparsity(TopKSparsity):
         super().__init__(config)
         self.beta = config.beta
 
-    def select(self, coder, x_in, pre, grad) -> SparseCodes:
+    def select(self, coder, x, pre, grad) -> SparseCodes:
         if grad is None:
-            return super().select(coder, x_in, pre, grad)
+            return super().select(coder, x, pre, grad)
         pre_sg = jax.lax.stop_gradient(pre)
         scores = gradient_scores(jax.nn.relu(pre_sg), grad, jax.lax.stop_gradient(coder.W_dec[...]), self.beta)
         _, idx = top_k(scores, self.k)
-        return select_codes(coder, x_in, pre, idx)
+        return select_codes(coder, x, pre, idx)
 
 
 @register

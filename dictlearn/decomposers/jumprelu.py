@@ -104,13 +104,13 @@ class JumpReLUSparsity(Sparsity):
     def threshold(self) -> jax.Array:
         return jnp.exp(self.log_threshold[...])
 
-    def train_codes(self, coder, x_in, pre, batch) -> Codes:
+    def train_codes(self, coder, x, pre, batch) -> Codes:
         return jumprelu(pre, self.threshold(), self.bandwidth)
 
-    def infer_codes(self, coder, x_in, pre, grad) -> Codes:
+    def infer_codes(self, coder, x, pre, grad) -> Codes:
         return pre * (pre > self.threshold()).astype(pre.dtype)
 
-    def penalty(self, coder, x_in, pre, codes, err):
+    def penalty(self, coder, x, pre, codes, err):
         l0 = jnp.mean(jnp.sum(heaviside(pre, self.threshold(), self.bandwidth), axis=-1))
         coef = self.l0_coefficient * warmup(self.step[...], self.l0_warmup_steps)
         return coef * l0, {"l0_coefficient": coef}

@@ -73,21 +73,21 @@ class Sparsity(nnx.Module):
 
     name: ClassVar[str] = ""
 
-    def train_codes(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, batch: dict[str, jax.Array]) -> Codes:
+    def train_codes(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, batch: dict[str, jax.Array]) -> Codes:
         """Codes used by the training loss (may depend on the whole batch)."""
         raise NotImplementedError
 
-    def infer_codes(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, grad: jax.Array | None) -> Codes:
+    def infer_codes(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, grad: jax.Array | None) -> Codes:
         """Codes for one token at a time, independent of the rest of the batch."""
         raise NotImplementedError
 
-    def train_forward(self, coder: SparseCoder, x: jax.Array, x_in: jax.Array, pre: jax.Array,
+    def train_forward(self, coder: SparseCoder, x: jax.Array, pre: jax.Array,
                       batch: dict[str, jax.Array]) -> tuple[jax.Array, Codes | None, dict[str, jax.Array]]:
         """Training reconstruction: (y_hat, codes or None, {"l0", "fired", ...})."""
-        codes = self.train_codes(coder, x_in, pre, batch)
+        codes = self.train_codes(coder, x, pre, batch)
         return coder.reconstruct(codes, x), codes, code_stats(codes, coder.config.n_features)
 
-    def penalty(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, codes: Codes | None,
+    def penalty(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, codes: Codes | None,
                 err: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Extra loss terms (L1, L0, AuxK) and their metrics; err = y_hat - y."""
         return jnp.zeros((), jnp.float32), {}
@@ -107,9 +107,10 @@ def code_stats(codes: Codes, n_features: int) -> dict[str, jax.Array]:
     return {"l0": jnp.mean(jnp.sum(codes != 0, axis=-1).astype(jnp.float32)), "fired": jnp.any(codes != 0, axis=0)}
 
 
-def select_codes(coder: SparseCoder, x_in: jax.Array, pre: jax.Array, indices: jax.Array) -> SparseCodes:
-    """relu(pre) at the chosen latents, with the sparse-backward encoder VJP."""
-    vals = gather_encode(x_in, coder.W_enc[...], coder.b_enc[...], jax.lax.stop_gradient(pre), indices)
+def select_codes(coder: SparseCoder, x: jax.Array, pre: jax.Array, indices: jax.Array) -> SparseCodes:
+    """relu(pre) at the chosen latents, with the sparse-backward encoder VJP (x: the raw input)."""
+    vals = gather_encode(x.astype(jnp.float32), coder.input_bias(), coder.W_enc[...], coder.b_enc[...],
+                         jax.lax.stop_gradient(pre), indices)
     return SparseCodes(jax.nn.relu(vals), indices)
 
 
@@ -142,10 +143,9 @@ class SparseCoder(Decomposer):
     def input_bias(self) -> jax.Array:
         return self.b_in[...] if self.transcoder else self.b_dec[...]
 
-    def preacts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(centred input, dense pre-activations (B, n))."""
-        x_in = x.astype(jnp.float32) - self.input_bias()
-        return x_in, x_in @ self.W_enc[...].T + self.b_enc[...]
+    def preacts(self, x: jax.Array) -> jax.Array:
+        """Dense pre-activations (B, n) of raw inputs."""
+        return (x.astype(jnp.float32) - self.input_bias()) @ self.W_enc[...].T + self.b_enc[...]
 
     def reconstruct(self, codes: Codes, x: jax.Array | None) -> jax.Array:
         """Decoder output for codes; the skip path needs the raw input x."""
@@ -163,8 +163,8 @@ class SparseCoder(Decomposer):
 
     # ---- protocol -----------------------------------------------------------------------------
     def encode(self, x: jax.Array) -> jax.Array:
-        x_in, pre = self.preacts(x)
-        return self.dense(self.sparsity.infer_codes(self, x_in, pre, None))
+        pre = self.preacts(x)
+        return self.dense(self.sparsity.infer_codes(self, x, pre, None))
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """Dense codes -> output. For a skip transcoder this excludes the skip path (it needs x): use __call__."""
@@ -172,17 +172,17 @@ class SparseCoder(Decomposer):
 
     def __call__(self, x: jax.Array, grad: jax.Array | None = None) -> jax.Array:
         """Reconstruction of raw inputs (sparse decode for the TopK family, skip path included)."""
-        x_in, pre = self.preacts(x)
-        return self.reconstruct(self.sparsity.infer_codes(self, x_in, pre, grad), x)
+        pre = self.preacts(x)
+        return self.reconstruct(self.sparsity.infer_codes(self, x, pre, grad), x)
 
     def loss(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         x, y = batch["x"], batch["y"].astype(jnp.float32)
-        x_in, pre = self.preacts(x)
-        y_hat, codes, stats = self.sparsity.train_forward(self, x, x_in, pre, batch)
+        pre = self.preacts(x)
+        y_hat, codes, stats = self.sparsity.train_forward(self, x, pre, batch)
         err = y_hat - y
         mse = jnp.mean(jnp.sum(err**2, axis=-1))
         total_var = jnp.mean(jnp.sum((y - y.mean(0)) ** 2, axis=-1))
-        penalty, extra = self.sparsity.penalty(self, x_in, pre, codes, err)
+        penalty, extra = self.sparsity.penalty(self, x, pre, codes, err)
         metrics = {
             "mse": mse,
             "fvu": mse / jnp.maximum(total_var, 1e-12),

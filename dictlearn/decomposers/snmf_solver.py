@@ -33,7 +33,6 @@ class SolverOptions(NamedTuple):
     keep: int  # entries kept per column of F; >= d means no sparsity step
     inner: int = 1  # multiplicative G updates per F update (the paper: 1)
     refit: int = 0  # masked conjugate-gradient steps refitting F on its support (the paper: 0)
-    g_update: str = "mu"  # "mu": the paper's multiplicative rule; "pgd": accelerated projected gradient
     reseed_every: int = 0  # every this many iterations, restart duplicate or dead features (0: never)
     reseed_cos: float = 0.99  # two features with cosine above this are duplicates
     ridge: float = RIDGE
@@ -160,10 +159,7 @@ def memory_iteration(x: jax.Array, sq_x: jax.Array, f: jax.Array, g: jax.Array, 
     f = f * norms
     p = x @ f
     q = f.T @ f
-    if opts.g_update == "pgd":
-        g = pgd_steps(g, p, q, opts.inner, opts.eps)
-    else:
-        g = mu_steps(g, p, q, opts.inner, opts.eps)
+    g = mu_steps(g, p, q, opts.inner, opts.eps)
     gtg = g.T @ g
     return f, g, gtg, loss_from_stats(sq_x, p, g, q, gtg)
 
@@ -331,16 +327,22 @@ def solve_codes(p: jax.Array, q: jax.Array, iters: int, method: str = "pgd", eps
 
 def pgd_steps(g: jax.Array, p: jax.Array, q: jax.Array, steps: int, eps: float = EPS) -> jax.Array:
     """`steps` of accelerated projected gradient (FISTA, step 1/lambda_max(Q)) from G, for
-    min_{G >= 0} ||X - G F^T||^2 with P = X F and Q = F^T F fixed."""
+    min_{G >= 0} ||X - G F^T||^2 with P = X F and Q = F^T F fixed. Rows are separate problems, so
+    each row restarts its momentum on its own when it stops descending (O'Donoghue and Candes 2015):
+    this keeps the linear convergence of the strongly convex case and lets iterates settle on zeros."""
     lip = jnp.maximum(jnp.linalg.eigvalsh(q)[-1], eps)
 
     def body(_, c):
         g, y, t = c
         g_new = jnp.maximum(y - (y @ q - p) / lip, 0.0)
+        restart = jnp.sum((y - g_new) * (g_new - g), axis=1, keepdims=True) > 0
+        t = jnp.where(restart, 1.0, t)
         t_new = (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        return g_new, g_new + ((t - 1.0) / t_new) * (g_new - g), t_new
+        y = jnp.where(restart, g_new, g_new + ((t - 1.0) / t_new) * (g_new - g))
+        return g_new, y, t_new
 
-    g, _, _ = jax.lax.fori_loop(0, steps, body, (g, g, jnp.array(1.0, p.dtype)))
+    t0 = jnp.ones((g.shape[0], 1), g.dtype)
+    g, _, _ = jax.lax.fori_loop(0, steps, body, (g, g, t0))
     return g
 
 

@@ -5,7 +5,7 @@ With k active latents per token, everything else is O(batch * k * d):
 
   decode      y[b]  = sum_j v[b,j] * W_dec[i[b,j]]           gather k decoder rows per token
   decode VJP  dv    = <dy[b], W_dec[i[b,j]]>,  dW_dec rows += v[b,j] * dy[b]   (scatter-add)
-  encode VJP  dW_enc rows += dv[b,j] * x[b],  db_enc += dv,  dx = sum_j dv[b,j] W_enc[i[b,j]]
+  encode VJP  dW_enc rows += dv[b,j] * x[b],  db_enc += dv,  db_in = -db_enc @ W_enc
 
 Encoder and decoder weights are stored row-major by latent, (n_features, d), so every gather and
 scatter moves whole contiguous rows. The scatter-adds run over the batch in chunks, so the
@@ -33,10 +33,13 @@ class SparseCodes(NamedTuple):
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k along the last axis: (values, indices) sorted by decreasing value, like lax.top_k."""
+    """Exact top-k along the last axis: (values, indices) sorted by decreasing value, like lax.top_k.
+
+    The optimisation barrier keeps XLA from fusing the consumers into the selection: on CPU, slicing
+    the indices column by column otherwise turns XLA's TopK into a full sort of every row (30x slower)."""
     if not 0 < k <= x.shape[-1]:
         raise ValueError(f"top_k needs 0 < k <= {x.shape[-1]} (the last axis), got k={k}")
-    return jax.lax.top_k(x, k)
+    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
 
 
 def densify(codes: SparseCodes, n_features: int) -> jax.Array:
@@ -153,28 +156,31 @@ gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 
 @jax.custom_vjp
-def gather_encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, pre: jax.Array, indices: jax.Array) -> jax.Array:
+def gather_encode(x: jax.Array, b_in: jax.Array, w_enc: jax.Array, b_enc: jax.Array, pre: jax.Array,
+                  indices: jax.Array) -> jax.Array:
     """Pre-activations at the selected latents: pre[b, indices[b, j]]  ->  (B, k).
 
-    `pre` must be x @ w_enc.T + b_enc, computed once densely by the caller (for the selection);
-    the forward reads the values from it, so they equal the dense computation bit for bit. The
-    backward treats the values as <x[b], w_enc[i]> + b_enc[i] for the selected i only, so the
-    gradients reach x, w_enc and b_enc at O(B k d) cost and never form a dense (B, n) gradient.
-    `pre` and `indices` get no gradient (pass `pre` through lax.stop_gradient)."""
+    `pre` must be (x - b_in) @ w_enc.T + b_enc, computed once densely by the caller (for the
+    selection); the forward reads the values from it, so they equal the dense computation bit for
+    bit. The backward treats each value as <x[b] - b_in, w_enc[i]> + b_enc[i] for the selected i
+    only, so gradients reach x, b_in, w_enc and b_enc at O(B k d) cost and never form a dense (B, n)
+    gradient. The input-bias gradient is -(d b_enc) @ w_enc, one matrix-vector product. `pre` and
+    `indices` get no gradient (pass `pre` through lax.stop_gradient)."""
     return jnp.take_along_axis(pre, indices, axis=1)
 
 
-def _gather_encode_fwd(x, w_enc, b_enc, pre, indices):
-    return jnp.take_along_axis(pre, indices, axis=1), (x, w_enc, indices)
+def _gather_encode_fwd(x, b_in, w_enc, b_enc, pre, indices):
+    return jnp.take_along_axis(pre, indices, axis=1), (x, b_in, w_enc, indices)
 
 
 def _gather_encode_bwd(res, dv):
-    x, w_enc, indices = res
+    x, b_in, w_enc, indices = res
     n = w_enc.shape[0]
-    d_x = gather_combine(dv, indices, w_enc)
-    d_w_enc = scatter_rows(dv, indices, x, n)
     d_b_enc = scatter_values(dv, indices, n)
-    return d_x, d_w_enc, d_b_enc, None, None
+    d_w_enc = scatter_rows(dv, indices, x - b_in, n)
+    d_b_in = -(d_b_enc @ w_enc)
+    d_x = gather_combine(dv, indices, w_enc)  # dead code (removed by XLA) unless x needs a gradient
+    return d_x, d_b_in, d_w_enc, d_b_enc, None, None
 
 
 gather_encode.defvjp(_gather_encode_fwd, _gather_encode_bwd)

@@ -44,16 +44,16 @@ class TopKConfig(TopKFields, SparseCoderConfig):
         self.validate_topk()
 
 
-def auxk_loss(coder: SparseCoder, x_in: jax.Array, pre: jax.Array, err: jax.Array, dead: jax.Array, k_aux: int) -> jax.Array:
+def auxk_loss(coder: SparseCoder, x: jax.Array, pre: jax.Array, err: jax.Array, dead: jax.Array, k_aux: int) -> jax.Array:
     """AuxK: the top-k_aux dead latents reconstruct the detached residual, as a fraction of its variance.
 
     Scaled by min(n_dead / k_aux, 1). Runs only when some latent is dead (lax.cond), so a healthy
     dictionary pays nothing for it."""
-    w_enc, b_enc, w_dec = coder.W_enc[...], coder.b_enc[...], coder.W_dec[...]
+    b_in, w_enc, b_enc, w_dec = coder.input_bias(), coder.W_enc[...], coder.b_enc[...], coder.W_dec[...]
 
-    def on(x_in, pre, err, dead, w_enc, b_enc, w_dec):
+    def on(x, pre, err, dead, b_in, w_enc, b_enc, w_dec):
         _, idx = top_k(jnp.where(dead, pre, -jnp.inf), k_aux)
-        vals = jax.nn.relu(gather_encode(x_in, w_enc, b_enc, jax.lax.stop_gradient(pre), idx))
+        vals = jax.nn.relu(gather_encode(x.astype(jnp.float32), b_in, w_enc, b_enc, jax.lax.stop_gradient(pre), idx))
         vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
         resid = -jax.lax.stop_gradient(err)  # y - y_hat
         resid_hat = gather_decode(vals, idx, w_dec)
@@ -64,7 +64,7 @@ def auxk_loss(coder: SparseCoder, x_in: jax.Array, pre: jax.Array, err: jax.Arra
     def off(*_):
         return jnp.zeros((), jnp.float32)
 
-    return jax.lax.cond(jnp.any(dead), on, off, x_in, pre, err, dead, w_enc, b_enc, w_dec)
+    return jax.lax.cond(jnp.any(dead), on, off, x, pre, err, dead, b_in, w_enc, b_enc, w_dec)
 
 
 class TopKSparsity(Sparsity):
@@ -81,25 +81,25 @@ class TopKSparsity(Sparsity):
         # Tokens seen since each latent last fired (saturates at 2**30 to stay within int32).
         self.tokens_since_fired = Buffer(jnp.zeros((n,), jnp.int32))
 
-    def select(self, coder: SparseCoder, x_in: jax.Array, pre: jax.Array, grad: jax.Array | None) -> SparseCodes:
+    def select(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, grad: jax.Array | None) -> SparseCodes:
         _, idx = top_k(jax.lax.stop_gradient(pre), self.k)
-        return select_codes(coder, x_in, pre, idx)
+        return select_codes(coder, x, pre, idx)
 
-    def train_codes(self, coder, x_in, pre, batch) -> Codes:
-        return self.select(coder, x_in, pre, batch.get("grad"))
+    def train_codes(self, coder, x, pre, batch) -> Codes:
+        return self.select(coder, x, pre, batch.get("grad"))
 
-    def infer_codes(self, coder, x_in, pre, grad) -> Codes:
-        return self.select(coder, x_in, pre, grad)
+    def infer_codes(self, coder, x, pre, grad) -> Codes:
+        return self.select(coder, x, pre, grad)
 
     def dead_mask(self) -> jax.Array:
         return self.tokens_since_fired[...] >= self.dead_tokens
 
-    def penalty(self, coder, x_in, pre, codes, err):
+    def penalty(self, coder, x, pre, codes, err):
         dead = self.dead_mask()
         metrics = {"dead_frac": jnp.mean(dead.astype(jnp.float32))}
         if self.aux_coefficient == 0:
             return jnp.zeros((), jnp.float32), metrics
-        aux = auxk_loss(coder, x_in, pre, err, dead, self.k_aux)
+        aux = auxk_loss(coder, x, pre, err, dead, self.k_aux)
         metrics["auxk"] = aux
         return self.aux_coefficient * aux, metrics
 
