@@ -142,7 +142,12 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(ylabel)
         if max(r["l0"] for r in pts) > 10 * max(min(r["l0"] for r in pts), 1e-9):
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dictlearn.activations.hookpoints import resolve
+from eval.judges import FluencyReference, distinct_bigram_share, read_sequences
 from eval.steering import (
     NEUTRAL_PROMPTS,
     SteeringConfig,
@@ -164,6 +165,28 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
     judges = res["judges"]
     assert judges["classes"] == ["sport", "other"] and judges["probe_hookpoint"] == "resid_post.1"
     assert set(judges["base_rate"]["sport"]) == {"probe", "lexical", "both", "judged"}
+
+
+def test_fluency_gates_reject_word_salad_and_repetition_on_smollm2(smol):
+    """The failure modes that fool a probe: the real model's loss and the bigram share catch them."""
+    tok = smol.tokenizer
+    hp = resolve(smol.model, "resid_post.15")[0]
+    prompt = tok("I think that", add_special_tokens=False)["input_ids"]
+    texts = {
+        "plain": [" the weather will be better tomorrow, so we can go for a walk in the park.",
+                  " it is a good idea to read the instructions before you start the machine."],
+        "sport": [" the team played well in the second half and scored two late goals to win the match."],
+        "salad": [" football match goal coach striker league penalty referee stadium season cup"],
+        "repeat": [" the the the the the the the the the the the the the the the the"],
+    }
+    conts = {k: [tok(t, add_special_tokens=False)["input_ids"] for t in v] for k, v in texts.items()}
+    flat = [c for v in conts.values() for c in v]
+    read = read_sequences(smol.model, [prompt + c for c in flat], [len(prompt)] * len(flat), [hp], with_loss=True)
+    loss = dict(zip([k for k, v in conts.items() for _ in v], read.loss))  # last of each kind
+    shares = {k: distinct_bigram_share(v[-1]) for k, v in conts.items()}
+    ref = FluencyReference.of(read.loss[:2], [distinct_bigram_share(c) for c in conts["plain"]])
+    gate = {k: bool(ref.gate([loss[k]], [shares[k]])[0]) for k in conts}
+    assert gate == {"plain": True, "sport": True, "salad": False, "repeat": False}, (loss, shares)
 
 
 def diffmean_vs_random(smol, corpus, n_prompts, samples, concepts, max_new_tokens=24, windows=(64, 8)):

@@ -39,7 +39,7 @@ class SNMFTrainConfig:
     n_features: int = 0  # K; give this or expansion
     expansion: float = 0.0  # K = expansion * d_mlp
     solver: str = "memory"  # memory | streaming
-    init: str = "kmeans"  # random (the paper's default) | svd | kmeans
+    init: str = "svd"  # svd | random (the paper's default) | kmeans (suits clustered data)
     keep_fraction: float = 0.01  # fraction of d_mlp kept per feature (winner-take-all); 1.0: no sparsity
     inner_steps: int = 5  # multiplicative G updates per F update (the paper: 1)
     refit_steps: int = 10  # conjugate-gradient steps refitting F on its kept support (the paper: 0)
@@ -124,7 +124,7 @@ def fit_memory(
     k: int,
     *,
     keep_fraction: float = 0.01,
-    init: str | jax.Array = "kmeans",
+    init: str | jax.Array = "svd",
     inner_steps: int = 5,
     refit_steps: int = 10,
     reseed_every: int = 10,

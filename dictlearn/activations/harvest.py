@@ -23,6 +23,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def _check_disk(out: Path, needed: int) -> None:
 
 
 @contextlib.contextmanager
-def _gradient_leaves(model: torch.nn.Module, hps: list) -> dict:
+def _gradient_leaves(model: torch.nn.Module, hps: list) -> Iterator[dict[str, torch.Tensor]]:
     """Make the first gradient hookpoint reached a leaf requiring grad (backward stops there); later ones
     keep their .grad. Yields name -> tensor whose .grad is filled by backward."""
     leaves: dict[str, torch.Tensor] = {}
@@ -245,6 +246,8 @@ def harvest(
     if writer.manifest.get("complete"):
         return ActivationCache(out, writer.manifest)
     start_shard = writer.n_done
+    if start_shard:
+        _check_disk(out, p.estimated_bytes * (p.n_shards - start_shard) // p.n_shards)
     if progress:
         print(
             f"harvest: {len(p.widths)} arrays x {p.n_sequences * p.context_length:,} tokens -> {out} "

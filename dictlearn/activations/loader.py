@@ -11,8 +11,8 @@ often than under uniform sampling from that pool, and the composition changes ev
 
 Determinism: batch b is a function of (cache, split, keys, batch_size, seed, mix_shards, b) only, so
 `iterate(start_batch=b)` resumes a training run exactly. An epoch is `rows(split) // batch_size` batches;
-the remainder (different rows each epoch) is skipped. Memory stays bounded by one window in the stored
-dtype plus `prefetch` batches, whatever the cache size.
+the remainder (different rows each epoch) is skipped. Memory stays bounded by two windows in the stored
+dtype (the current one and, at a seam, the next) plus `prefetch` batches, whatever the cache size.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class HarvestArgs:
     config: Annotated[Path, tyro.conf.Positional]
     """the run config (TOML)"""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """config override key.path=value (repeatable), e.g. --set harvest.n_tokens=200000"""
+    """config override key.path=value, e.g. --set harvest.n_tokens=200000"""
 
 
 def configs_from(data: dict, where: str):

@@ -88,13 +88,14 @@ class BatchTopKSparsity(TopKSparsity):
             return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t_cand
 
         def dense_path(x, pre):
-            z = jax.nn.relu(pre)
-            t = kth_largest_nonneg(jax.nn.relu(jax.lax.stop_gradient(pre)), kth)
+            z = jax.nn.relu(coder.preacts(x))  # recomputed here, so only this branch differentiates densely
+            t = kth_largest_nonneg(jax.nn.relu(pre), kth)
             codes = z * (jax.lax.stop_gradient(z) >= t).astype(z.dtype)
             stats = code_stats(codes, n)
             return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t
 
-        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, pre)
+        # pre enters without a gradient path, so the sparse branch keeps a sparse backward.
+        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, jax.lax.stop_gradient(pre))
         stats = {"l0": l0, "fired": fired, "batch_threshold": t, "dense_fallback": saturated.astype(jnp.float32)}
         return y_hat, None, stats
 

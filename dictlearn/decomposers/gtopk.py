@@ -3,8 +3,10 @@ Dictionary Learning").
 
 Latents are ranked by z + beta * z * |W_dec g|, where z = relu(pre-activation) and g is the gradient
 of the language model's next-token loss with respect to the hooked activation ("grad" in the batch,
-passed unscaled); the kept values are plain z. So a latent whose direction matters to the model's
-output can win a slot over a slightly larger but inconsequential one.
+in the units the module reads: a trainer that feeds scale * y passes g / scale); the kept values
+are plain z. A latent whose direction matters to the model's output can so win a slot over a
+slightly larger but inconsequential one. fold_input_scale records the gradient's scale factor,
+so a saved module takes raw gradients.
 
 Without "grad" (at inference, or `encode(x)` from the protocol) it encodes exactly like plain
 TopK; `module(x, grad)` uses the gradient when given. The ranking costs one more dense matmul
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn.decomposers.base import DecomposerConfig, register
-from dictlearn.decomposers.sae import SparseCoder, SparseCoderConfig, Sparsity, check, select_codes
+from dictlearn.decomposers.sae import Buffer, SparseCoder, SparseCoderConfig, Sparsity, check, select_codes
 from dictlearn.decomposers.sparse_ops import SparseCodes, top_k
 from dictlearn.decomposers.topk import TopKFields, TopKSparsity
 
@@ -52,14 +54,20 @@ class GTopKSparsity(TopKSparsity):
     def __init__(self, config: DecomposerConfig):
         super().__init__(config)
         self.beta = config.beta
+        self.grad_scale = Buffer(jnp.ones((), jnp.float32))  # multiplies "grad"; set by fold_input_scale
 
     def select(self, coder, x, pre, grad) -> SparseCodes:
         if grad is None:
             return super().select(coder, x, pre, grad)
         pre_sg = jax.lax.stop_gradient(pre)
-        scores = gradient_scores(jax.nn.relu(pre_sg), grad, jax.lax.stop_gradient(coder.W_dec[...]), self.beta)
+        scores = gradient_scores(jax.nn.relu(pre_sg), grad * self.grad_scale[...],
+                                 jax.lax.stop_gradient(coder.W_dec[...]), self.beta)
         _, idx = top_k(scores, self.k)
         return select_codes(coder, x, pre, idx)
+
+    def fold(self, code_scale: float) -> None:
+        # Training saw g / scale_out; a folded module sees raw g, so scale it by 1 / scale_out (= code_scale).
+        self.grad_scale[...] = self.grad_scale[...] * code_scale
 
 
 @register

@@ -53,7 +53,7 @@ def auxk_loss(coder: SparseCoder, x: jax.Array, pre: jax.Array, err: jax.Array, 
 
     def on(x, pre, err, dead, b_in, w_enc, b_enc, w_dec):
         _, idx = top_k(jnp.where(dead, pre, -jnp.inf), k_aux)
-        vals = jax.nn.relu(gather_encode(x.astype(jnp.float32), b_in, w_enc, b_enc, jax.lax.stop_gradient(pre), idx))
+        vals = jax.nn.relu(gather_encode(x.astype(jnp.float32), b_in, w_enc, b_enc, pre, idx))
         vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
         resid = -jax.lax.stop_gradient(err)  # y - y_hat
         resid_hat = gather_decode(vals, idx, w_dec)
@@ -64,6 +64,9 @@ def auxk_loss(coder: SparseCoder, x: jax.Array, pre: jax.Array, err: jax.Array, 
     def off(*_):
         return jnp.zeros((), jnp.float32)
 
+    # pre enters without a gradient path: otherwise the cond's VJP would hand the encoder matmul a dense
+    # (B, n) cotangent, and the backward would pay two dense matmuls even when no latent is dead.
+    pre = jax.lax.stop_gradient(pre)
     return jax.lax.cond(jnp.any(dead), on, off, x, pre, err, dead, b_in, w_enc, b_enc, w_dec)
 
 
