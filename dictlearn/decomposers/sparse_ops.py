@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 # Tokens per chunk of the gathered decode and the scatter-adds: bounds the (chunk, k, d) temporaries.
 CHUNK_TOKENS = 256
+# Below this many (B * k * d) elements, work in one piece: a loop would only cost compile time.
+CHUNK_MIN_ELEMENTS = 1 << 22
 
 
 class SparseCodes(NamedTuple):
@@ -73,10 +75,14 @@ def _take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
     return table.at[indices].get(mode="promise_in_bounds")
 
 
-def _over_chunks(fn, *arrays: jax.Array) -> jax.Array:
-    """Apply fn to token chunks of the arrays (leading axis) with lax.scan; concatenate the results."""
+def _over_chunks(fn, *arrays: jax.Array, width: int) -> jax.Array:
+    """Apply fn to token chunks of the arrays (leading axis) with lax.scan; concatenate the results.
+
+    `width` is the per-token size of fn's temporaries (k * d); small problems run in one piece."""
     batch = arrays[0].shape[0]
     c = _chunks(batch)
+    if c == batch or batch * width <= CHUNK_MIN_ELEMENTS:
+        return fn(*arrays)
 
     def body(_, chunk):
         return None, fn(*chunk)
@@ -95,12 +101,14 @@ def gather_combine(weights: jax.Array, indices: jax.Array, table: jax.Array) -> 
         for j in range(weights.shape[1]):
             out = out + weights[:, j : j + 1] * _take_rows(table, indices[:, j])
         return out
-    return _over_chunks(lambda w, i: jnp.einsum("bk,bkd->bd", w, _take_rows(table, i)), weights, indices)
+    return _over_chunks(lambda w, i: jnp.einsum("bk,bkd->bd", w, _take_rows(table, i)), weights, indices,
+                        width=indices.shape[1] * table.shape[1])
 
 
 def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
     """out[b, j] = <rows[b], table[indices[b, j]]>   ->  (B, k), as batched dots over token chunks."""
-    return _over_chunks(lambda r, i: jnp.einsum("bd,bkd->bk", r, _take_rows(table, i)), rows, indices)
+    return _over_chunks(lambda r, i: jnp.einsum("bd,bkd->bk", r, _take_rows(table, i)), rows, indices,
+                        width=indices.shape[1] * table.shape[1])
 
 
 def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array:
@@ -111,6 +119,9 @@ def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int
     batch, k = weights.shape
     d = rows.shape[1]
     c = _chunks(batch)
+    if c == batch or batch * k * d <= CHUNK_MIN_ELEMENTS:
+        upd = (weights[:, :, None] * rows[:, None, :]).reshape(batch * k, d)
+        return jnp.zeros((n, d), rows.dtype).at[indices.reshape(-1)].add(upd, mode="promise_in_bounds")
 
     def body(acc, chunk):
         w, i, r = chunk
