@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from _eval_decomposers import SavedLinear
+from _eval_decomposers import SavedLinear, registered_saved_linear
 from eval.report import check_same_keys, markdown, pareto_front, write_report
 from eval.suite import downstream_sequences
 
@@ -86,7 +86,13 @@ def save_decomposers(root, cache):
         save(SavedLinear(cfg, rngs=__import__("flax").nnx.Rngs(cfg.seed)), root / "decomposers" / name)
 
 
-def test_dictlearn_eval_end_to_end(smol_cache, tmp_path, capsys):
+@pytest.fixture
+def saved_linear_kind():
+    with registered_saved_linear() as cls:
+        yield cls
+
+
+def test_dictlearn_eval_end_to_end(smol_cache, tmp_path, capsys, saved_linear_kind):
     from dictlearn.cli import main
 
     root = tmp_path / "run"
