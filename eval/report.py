@@ -118,6 +118,7 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -142,8 +143,6 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(ylabel)
         if max(r["l0"] for r in pts) > 10 * max(min(r["l0"] for r in pts), 1e-9):
-            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -192,6 +191,12 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
             ax.set_title(title)
             ax.set_xlabel("KL target (nats)")
             ax.set_xscale("log")
+            targets = sorted({p["kl_target"] for rec in steering["records"].values()
+                              for p in (rec.get("concept_curve") or []) + (rec.get("feature_curve") or [])
+                              if _finite(p.get("kl_target"))})
+            if targets:
+                ax.set_xticks(targets, [f"{t:g}" for t in targets])
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.3)
         handles, labels = [], []
         for ax in axes.flat:
