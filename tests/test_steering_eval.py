@@ -139,7 +139,7 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((32, 12)) / np.sqrt(32)).astype(np.float32)
     dec = LinearReLU(w, np.zeros(12), w.T.copy(), np.zeros(32), hookpoint_in="resid_post.1")
-    cfg = SteeringConfig(kl_targets=[0.002, 0.005], summary_kl=0.005, n_prompts=4, samples_per_prompt=1,
+    cfg = SteeringConfig(kl_targets=[0.002, 0.005], summary_kl=0.005, signs=[1, -1], n_prompts=4, samples_per_prompt=1,
                          max_new_tokens=6, n_features=2, concepts=["sport"], corpus=corpus, windows_per_class=16,
                          held_out_windows=8, judge_samples_per_prompt=1, batch_size=8)
     res = evaluate_steering(tiny_gpt2, smol.tokenizer, {"planted": dec}, None, cfg)
@@ -153,10 +153,12 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
     planted = recs["planted"]
     assert set(planted["detection"]["sport"]) == {"feature", "auc_train", "auc"}
     assert planted["detection"]["sport"]["auc_train"] >= 0.5  # the best of 12 features on the training windows
-    assert len(planted["feature_curve"]) == 2 and planted["feature_curve"][0]["n_features"] == 2
+    curve = [(e["sign"], e["kl_target"]) for e in planted["feature_curve"]]
+    assert curve == [(1, 0.002), (1, 0.005), (-1, 0.002), (-1, 0.005)]
+    assert planted["feature_curve"][0]["n_features"] == 2
     assert len(res["features"]["planted"]) == 2
     for r in recs.values():
-        assert [e["kl_target"] for e in r["concept_curve"]] == [0.002, 0.005]
+        assert [e["kl_target"] for e in r["concept_curve"]] == [0.002, 0.005] * 2
         assert r["calibration"]["converged_fraction"] == 1.0 and r["calibration"]["rel_error_max"] <= 0.02
         for e in r["concept_curve"]:
             assert 0.0 <= e["concept_rate"] <= 1.0 and 0.0 <= e["fluency"] <= 1.0
