@@ -138,7 +138,7 @@ def run_worker(args) -> None:
 # ---- dictlearn (this process) ----------------------------------------------------------------------
 
 
-def dictlearn_step(x: np.ndarray, n_latents: int, k: int):
+def dictlearn_step(x: np.ndarray, n_latents: int, k: int, compiler_options: dict | None = None, **config):
     """The trainer's step for one TopK SAE: loss, grads, project, Adam, after_step; donated state."""
     import jax
     import optax
@@ -146,7 +146,7 @@ def dictlearn_step(x: np.ndarray, n_latents: int, k: int):
 
     import dictlearn.decomposers as D
 
-    model = D.build("topk", {"d_in": x.shape[1], "n_features": n_latents, "k": k})
+    model = D.build("topk", {"d_in": x.shape[1], "n_features": n_latents, "k": k, **config})
     xj = jax.device_put(x)
     model.init_from_data(xj, xj)
     opt = nnx.Optimizer(model, optax.adam(2e-4 / (n_latents / 2**14) ** 0.5), wrt=nnx.Param)
@@ -161,7 +161,7 @@ def dictlearn_step(x: np.ndarray, n_latents: int, k: int):
         model.after_step(metrics)
         return (nnx.state(model), nnx.state(opt)), loss
 
-    step = jax.jit(step, donate_argnums=0)
+    step = jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
     holder = {"states": (model_state, opt_state)}
     batch = {"x": xj, "y": xj}
 

@@ -45,6 +45,16 @@ def test_top_k_with_ties_selects_the_same_values(n):
     assert all(len(set(row)) == 20 for row in np.asarray(i).tolist())  # distinct indices
 
 
+@pytest.mark.parametrize("n", [300, 4096])
+def test_top_k_with_bias_equals_top_k_of_the_sum(n):
+    x = jax.random.normal(jax.random.key(4), (40, n))
+    bias = jax.random.normal(jax.random.key(5), (n,))
+    v, i = so.top_k(x, 16, bias)
+    rv, ri = jax.lax.top_k(x + bias, 16)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+
+
 def test_top_k_rejects_bad_k():
     with pytest.raises(ValueError, match="k must|0 < k"):
         so.top_k(jnp.zeros((2, 4)), 5)
@@ -79,8 +89,8 @@ def test_gather_encode_matches_dense():
     b_in = 0.3 * jax.random.normal(jax.random.key(9), (D,))
 
     def sparse(x, b_in, w, b):
-        pre = jax.lax.stop_gradient((x - b_in) @ w.T + b)
-        return jnp.sum(jnp.cos(so.gather_encode(x, b_in, w, b, pre, idx)))
+        z0 = jax.lax.stop_gradient((x - b_in) @ w.T)  # the caller's dense product, without b_enc
+        return jnp.sum(jnp.cos(so.gather_encode(x, b_in, w, b, z0, idx)))
 
     def dense(x, b_in, w, b):
         return jnp.sum(jnp.cos(jnp.take_along_axis((x - b_in) @ w.T + b, idx, axis=1)))
@@ -97,7 +107,7 @@ def test_custom_vjps_pass_numerical_gradient_check():
     b_in = 0.3 * jax.random.normal(jax.random.key(9), (6,))
 
     def enc(x, b_in, w, b):
-        return so.gather_encode(x, b_in, w, b, jax.lax.stop_gradient((x - b_in) @ w.T + b), idx)
+        return so.gather_encode(x, b_in, w, b, jax.lax.stop_gradient((x - b_in) @ w.T), idx)
 
     check_grads(enc, (x, b_in, w_enc, b_enc), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
     vals = jnp.take_along_axis(pre, idx, axis=1)
@@ -121,9 +131,9 @@ def test_sparse_step_has_no_dense_backward():
     b_in = jnp.zeros((16,))
 
     def loss(w_enc, w_dec):
-        pre = x @ w_enc.T + b_enc
-        _, idx = so.top_k(jax.lax.stop_gradient(pre), 4)
-        v = jax.nn.relu(so.gather_encode(x, b_in, w_enc, b_enc, jax.lax.stop_gradient(pre), idx))
+        z0 = jax.lax.stop_gradient(x @ w_enc.T)
+        _, idx = so.top_k(z0, 4, b_enc)
+        v = jax.nn.relu(so.gather_encode(x, b_in, w_enc, b_enc, z0, idx))
         return jnp.sum((so.gather_decode(v, idx, w_dec) - x) ** 2)
 
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(w_enc, w_dec).as_text()

@@ -74,34 +74,36 @@ class BatchTopKSparsity(TopKSparsity):
         self.threshold = Buffer(jnp.zeros((), jnp.float32))  # inference threshold (0 until estimated)
         self.threshold_updates = Buffer(jnp.zeros((), jnp.int32))
 
-    def train_forward(self, coder, x, pre, batch):
-        n, batch_size = coder.config.n_features, pre.shape[0]
+    def train_forward(self, coder, x, z0, batch):
+        n, batch_size = coder.config.n_features, z0.shape[0]
         kth = min(self.k * batch_size, batch_size * n)
-        z_sg = jax.nn.relu(jax.lax.stop_gradient(pre))
-        cand_v, cand_i = top_k(z_sg, self.row_slots)
+        z0 = jax.lax.stop_gradient(z0)  # no gradient path through z0: the sparse branch stays sparse
+        b_enc = jax.lax.stop_gradient(coder.b_enc[...])
+        cand_v, cand_i = top_k(z0, self.row_slots, b_enc)
+        cand_v = jax.nn.relu(cand_v)
         t_cand = kth_largest_nonneg(cand_v, kth)
         last = cand_v[:, -1]
         saturated = jnp.any((last >= t_cand) & (last > 0)) if self.row_slots < n else jnp.array(False)
 
-        def sparse_path(x, pre):
-            codes = select_codes(coder, x, pre, cand_i)
-            codes = SparseCodes(codes.values * (cand_v >= t_cand).astype(pre.dtype), cand_i)
+        def sparse_path(x, z0):
+            codes = select_codes(coder, x, z0, cand_i)
+            codes = SparseCodes(codes.values * (cand_v >= t_cand).astype(z0.dtype), cand_i)
             stats = code_stats(codes, n)
             return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t_cand
 
-        def dense_path(x, pre):
+        def dense_path(x, z0):
             z = jax.nn.relu(coder.preacts(x))  # recomputed here, so only this branch differentiates densely
-            t = kth_largest_nonneg(jax.nn.relu(pre), kth)
+            t = kth_largest_nonneg(jax.nn.relu(z0 + b_enc), kth)
             codes = z * (jax.lax.stop_gradient(z) >= t).astype(z.dtype)
             stats = code_stats(codes, n)
             return coder.reconstruct(codes, x), stats["l0"], stats["fired"], t
 
-        # pre enters without a gradient path, so the sparse branch keeps a sparse backward.
-        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, jax.lax.stop_gradient(pre))
+        y_hat, l0, fired, t = jax.lax.cond(saturated, dense_path, sparse_path, x, z0)
         stats = {"l0": l0, "fired": fired, "batch_threshold": t, "dense_fallback": saturated.astype(jnp.float32)}
         return y_hat, None, stats
 
-    def infer_codes(self, coder, x, pre, grad) -> Codes:
+    def infer_codes(self, coder, x, z0, grad) -> Codes:
+        pre = coder.biased(z0)
         return pre * (pre > self.threshold[...]).astype(pre.dtype)
 
     def after_step(self, metrics) -> None:

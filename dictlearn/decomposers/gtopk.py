@@ -56,14 +56,14 @@ class GTopKSparsity(TopKSparsity):
         self.beta = config.beta
         self.grad_scale = Buffer(jnp.ones((), jnp.float32))  # multiplies "grad"; set by fold_input_scale
 
-    def select(self, coder, x, pre, grad) -> SparseCodes:
+    def select(self, coder, x, z0, grad) -> SparseCodes:
         if grad is None:
-            return super().select(coder, x, pre, grad)
-        pre_sg = jax.lax.stop_gradient(pre)
-        scores = gradient_scores(jax.nn.relu(pre_sg), grad * self.grad_scale[...],
-                                 jax.lax.stop_gradient(coder.W_dec[...]), self.beta)
+            return super().select(coder, x, z0, grad)
+        z0 = jax.lax.stop_gradient(z0)
+        z = jax.nn.relu(z0 + jax.lax.stop_gradient(coder.b_enc[...]))
+        scores = gradient_scores(z, grad * self.grad_scale[...], jax.lax.stop_gradient(coder.W_dec[...]), self.beta)
         _, idx = top_k(scores, self.k)
-        return select_codes(coder, x, pre, idx)
+        return select_codes(coder, x, z0, idx)
 
     def fold(self, code_scale: float) -> None:
         # Training saw g / scale_out; a folded module sees raw g, so scale it by 1 / scale_out (= code_scale).

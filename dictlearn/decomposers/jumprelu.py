@@ -104,14 +104,15 @@ class JumpReLUSparsity(Sparsity):
     def threshold(self) -> jax.Array:
         return jnp.exp(self.log_threshold[...])
 
-    def train_codes(self, coder, x, pre, batch) -> Codes:
-        return jumprelu(pre, self.threshold(), self.bandwidth)
+    def train_codes(self, coder, x, z0, batch) -> Codes:
+        return jumprelu(coder.biased(z0), self.threshold(), self.bandwidth)
 
-    def infer_codes(self, coder, x, pre, grad) -> Codes:
+    def infer_codes(self, coder, x, z0, grad) -> Codes:
+        pre = coder.biased(z0)
         return pre * (pre > self.threshold()).astype(pre.dtype)
 
-    def penalty(self, coder, x, pre, codes, err):
-        l0 = jnp.mean(jnp.sum(heaviside(pre, self.threshold(), self.bandwidth), axis=-1))
+    def penalty(self, coder, x, z0, codes, err):
+        l0 = jnp.mean(jnp.sum(heaviside(coder.biased(z0), self.threshold(), self.bandwidth), axis=-1))
         coef = self.l0_coefficient * warmup(self.step[...], self.l0_warmup_steps)
         return coef * l0, {"l0_coefficient": coef}
 

@@ -51,13 +51,13 @@ class ReLUSparsity(Sparsity):
         self.l1_warmup_steps = config.l1_warmup_steps
         self.step = Buffer(jnp.zeros((), jnp.int32))  # optimiser steps taken (drives the warm-up)
 
-    def train_codes(self, coder, x, pre, batch) -> Codes:
-        return jax.nn.relu(pre)
+    def train_codes(self, coder, x, z0, batch) -> Codes:
+        return jax.nn.relu(coder.biased(z0))
 
-    def infer_codes(self, coder, x, pre, grad) -> Codes:
-        return jax.nn.relu(pre)
+    def infer_codes(self, coder, x, z0, grad) -> Codes:
+        return jax.nn.relu(coder.biased(z0))
 
-    def penalty(self, coder, x, pre, codes, err):
+    def penalty(self, coder, x, z0, codes, err):
         norms = jnp.linalg.norm(coder.W_dec[...], axis=1)
         l1 = jnp.mean(codes @ norms)
         coef = self.l1_coefficient * warmup(self.step[...], self.l1_warmup_steps)

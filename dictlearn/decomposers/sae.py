@@ -6,8 +6,12 @@ SparseCoder whose input bias is its decoder bias; a transcoder has a separate in
 optionally, a linear skip path.
 
 Shapes (row-major by latent, so sparse kernels move whole rows):
-  W_enc (n_features, d_in)    pre = (x - b_in) @ W_enc.T + b_enc
+  W_enc (n_features, d_in)    pre = z0 + b_enc,  z0 = (x - b_in) @ W_enc.T
   W_dec (n_features, d_out)   y_hat = codes @ W_dec + b_dec [+ x @ W_skip]
+
+Mechanisms receive z0, the encoder product without its bias: the TopK family selects on z0 + b_enc
+without ever writing that (B, n) sum to memory (two full passes saved per step); dense mechanisms
+call `coder.biased(z0)`.
 """
 
 from __future__ import annotations
@@ -69,25 +73,27 @@ def unit_rows(key: jax.Array, n: int, d: int) -> jax.Array:
 
 
 class Sparsity(nnx.Module):
-    """How pre-activations become codes. One subclass per mechanism; it may hold its own state."""
+    """How pre-activations become codes. One subclass per mechanism; it may hold its own state.
+
+    Every method gets the raw input x and z0 = (x - b_in) @ W_enc.T (the pre-activation without b_enc)."""
 
     name: ClassVar[str] = ""
 
-    def train_codes(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, batch: dict[str, jax.Array]) -> Codes:
+    def train_codes(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, batch: dict[str, jax.Array]) -> Codes:
         """Codes used by the training loss (may depend on the whole batch)."""
         raise NotImplementedError
 
-    def infer_codes(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, grad: jax.Array | None) -> Codes:
+    def infer_codes(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, grad: jax.Array | None) -> Codes:
         """Codes for one token at a time, independent of the rest of the batch."""
         raise NotImplementedError
 
-    def train_forward(self, coder: SparseCoder, x: jax.Array, pre: jax.Array,
+    def train_forward(self, coder: SparseCoder, x: jax.Array, z0: jax.Array,
                       batch: dict[str, jax.Array]) -> tuple[jax.Array, Codes | None, dict[str, jax.Array]]:
         """Training reconstruction: (y_hat, codes or None, {"l0", "fired", ...})."""
-        codes = self.train_codes(coder, x, pre, batch)
+        codes = self.train_codes(coder, x, z0, batch)
         return coder.reconstruct(codes, x), codes, code_stats(codes, coder.config.n_features)
 
-    def penalty(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, codes: Codes | None,
+    def penalty(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, codes: Codes | None,
                 err: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Extra loss terms (L1, L0, AuxK) and their metrics; err = y_hat - y."""
         return jnp.zeros((), jnp.float32), {}
@@ -107,10 +113,10 @@ def code_stats(codes: Codes, n_features: int) -> dict[str, jax.Array]:
     return {"l0": jnp.mean(jnp.sum(codes != 0, axis=-1).astype(jnp.float32)), "fired": jnp.any(codes != 0, axis=0)}
 
 
-def select_codes(coder: SparseCoder, x: jax.Array, pre: jax.Array, indices: jax.Array) -> SparseCodes:
-    """relu(pre) at the chosen latents, with the sparse-backward encoder VJP (x: the raw input)."""
+def select_codes(coder: SparseCoder, x: jax.Array, z0: jax.Array, indices: jax.Array) -> SparseCodes:
+    """relu(pre-activation) at the chosen latents, with the sparse-backward encoder VJP."""
     vals = gather_encode(x.astype(jnp.float32), coder.input_bias(), coder.W_enc[...], coder.b_enc[...],
-                         jax.lax.stop_gradient(pre), indices)
+                         jax.lax.stop_gradient(z0), indices)
     return SparseCodes(jax.nn.relu(vals), indices)
 
 
@@ -143,9 +149,16 @@ class SparseCoder(Decomposer):
     def input_bias(self) -> jax.Array:
         return self.b_in[...] if self.transcoder else self.b_dec[...]
 
+    def encoder_product(self, x: jax.Array) -> jax.Array:
+        """z0 = (x - b_in) @ W_enc.T: the pre-activations of raw inputs without b_enc, (B, n)."""
+        return (x.astype(jnp.float32) - self.input_bias()) @ self.W_enc[...].T
+
+    def biased(self, z0: jax.Array) -> jax.Array:
+        return z0 + self.b_enc[...]
+
     def preacts(self, x: jax.Array) -> jax.Array:
         """Dense pre-activations (B, n) of raw inputs."""
-        return (x.astype(jnp.float32) - self.input_bias()) @ self.W_enc[...].T + self.b_enc[...]
+        return self.biased(self.encoder_product(x))
 
     def reconstruct(self, codes: Codes, x: jax.Array | None) -> jax.Array:
         """Decoder output for codes; the skip path needs the raw input x."""
@@ -163,8 +176,7 @@ class SparseCoder(Decomposer):
 
     # ---- protocol -----------------------------------------------------------------------------
     def encode(self, x: jax.Array) -> jax.Array:
-        pre = self.preacts(x)
-        return self.dense(self.sparsity.infer_codes(self, x, pre, None))
+        return self.dense(self.sparsity.infer_codes(self, x, self.encoder_product(x), None))
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """Dense codes -> output. For a skip transcoder this excludes the skip path (it needs x): use __call__."""
@@ -172,17 +184,16 @@ class SparseCoder(Decomposer):
 
     def __call__(self, x: jax.Array, grad: jax.Array | None = None) -> jax.Array:
         """Reconstruction of raw inputs (sparse decode for the TopK family, skip path included)."""
-        pre = self.preacts(x)
-        return self.reconstruct(self.sparsity.infer_codes(self, x, pre, grad), x)
+        return self.reconstruct(self.sparsity.infer_codes(self, x, self.encoder_product(x), grad), x)
 
     def loss(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         x, y = batch["x"], batch["y"].astype(jnp.float32)
-        pre = self.preacts(x)
-        y_hat, codes, stats = self.sparsity.train_forward(self, x, pre, batch)
+        z0 = self.encoder_product(x)
+        y_hat, codes, stats = self.sparsity.train_forward(self, x, z0, batch)
         err = y_hat - y
         mse = jnp.mean(jnp.sum(err**2, axis=-1))
         total_var = jnp.mean(jnp.sum((y - y.mean(0)) ** 2, axis=-1))
-        penalty, extra = self.sparsity.penalty(self, x, pre, codes, err)
+        penalty, extra = self.sparsity.penalty(self, x, z0, codes, err)
         metrics = {
             "mse": mse,
             "fvu": mse / jnp.maximum(total_var, 1e-12),
@@ -206,9 +217,10 @@ class SparseCoder(Decomposer):
         """Remove the gradient component parallel to each decoder row (it would only change its norm)."""
         if not self.config.normalize_decoder:
             return grads
+        # Rows are unit norm here (initialised so, renormalised after every step), so <g, w> w is the
+        # parallel part; skipping the division by |w|^2 saves a pass over the decoder.
         w, g = self.W_dec[...], grads["W_dec"][...]
-        par = jnp.sum(g * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w * w, axis=1, keepdims=True), 1e-12)
-        grads["W_dec"] = grads["W_dec"].replace(g - par * w)
+        grads["W_dec"] = grads["W_dec"].replace(g - jnp.sum(g * w, axis=1, keepdims=True) * w)
         return grads
 
     def after_step(self, metrics: dict[str, jax.Array]) -> None:

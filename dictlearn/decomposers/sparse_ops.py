@@ -38,8 +38,9 @@ class SparseCodes(NamedTuple):
 TOPK_GROUP = 16
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k along the last axis: (values, indices) sorted by decreasing value, like lax.top_k.
+def top_k(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k of x (+ bias, broadcast on the last axis): (values, indices) sorted by decreasing
+    value, like lax.top_k(x + bias, k), without writing x + bias to memory.
 
     Two stages, both exact: split each row into groups of TOPK_GROUP, take the k groups with the
     largest maxima, then the top k among those k * TOPK_GROUP candidates. Every one of the k largest
@@ -55,13 +56,16 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         raise ValueError(f"top_k needs 0 < k <= {n} (the last axis), got k={k}")
     g = TOPK_GROUP
     if n % g or k * g * 4 > n:
-        return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+        return jax.lax.optimization_barrier(jax.lax.top_k(x if bias is None else x + bias, k))
     lead = x.shape[:-1]
     xg = x.reshape(-1, n // g, g)
-    _, groups = jax.lax.top_k(jnp.max(xg, axis=-1), k)
+    bg = None if bias is None else bias.reshape(n // g, g)
+    _, groups = jax.lax.top_k(jnp.max(xg if bg is None else xg + bg, axis=-1), k)
     groups = jnp.sort(groups, axis=-1)  # candidates keep their original order, so ties break as in lax.top_k
-    cand = jnp.take_along_axis(xg, groups[:, :, None], axis=1).reshape(-1, k * g)
-    vals, pos = jax.lax.top_k(cand, k)
+    cand = jnp.take_along_axis(xg, groups[:, :, None], axis=1)
+    if bg is not None:
+        cand = cand + bg[groups]
+    vals, pos = jax.lax.top_k(cand.reshape(-1, k * g), k)
     idx = jnp.take_along_axis(groups, pos // g, axis=1) * g + pos % g
     return jax.lax.optimization_barrier((vals.reshape(*lead, k), idx.reshape(*lead, k)))
 
@@ -189,21 +193,21 @@ gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 
 @jax.custom_vjp
-def gather_encode(x: jax.Array, b_in: jax.Array, w_enc: jax.Array, b_enc: jax.Array, pre: jax.Array,
+def gather_encode(x: jax.Array, b_in: jax.Array, w_enc: jax.Array, b_enc: jax.Array, z0: jax.Array,
                   indices: jax.Array) -> jax.Array:
-    """Pre-activations at the selected latents: pre[b, indices[b, j]]  ->  (B, k).
+    """Pre-activations at the selected latents: z0[b, indices[b, j]] + b_enc[indices[b, j]]  ->  (B, k).
 
-    `pre` must be (x - b_in) @ w_enc.T + b_enc, computed once densely by the caller (for the
-    selection); the forward reads the values from it, so they equal the dense computation bit for
-    bit. The backward treats each value as <x[b] - b_in, w_enc[i]> + b_enc[i] for the selected i
-    only, so gradients reach x, b_in, w_enc and b_enc at O(B k d) cost and never form a dense (B, n)
-    gradient. The input-bias gradient is -(d b_enc) @ w_enc, one matrix-vector product. `pre` and
-    `indices` get no gradient (pass `pre` through lax.stop_gradient)."""
-    return jnp.take_along_axis(pre, indices, axis=1)
+    `z0` must be (x - b_in) @ w_enc.T, computed once densely by the caller (for the selection); the
+    forward reads the values from it, so they equal the dense computation bit for bit. The backward
+    treats each value as <x[b] - b_in, w_enc[i]> + b_enc[i] for the selected i only, so gradients
+    reach x, b_in, w_enc and b_enc at O(B k d) cost and never form a dense (B, n) gradient. The
+    input-bias gradient is -(d b_enc) @ w_enc, one matrix-vector product. `z0` and `indices` get no
+    gradient (pass `z0` through lax.stop_gradient)."""
+    return jnp.take_along_axis(z0, indices, axis=1) + jnp.take(b_enc, indices)
 
 
-def _gather_encode_fwd(x, b_in, w_enc, b_enc, pre, indices):
-    return jnp.take_along_axis(pre, indices, axis=1), (x, b_in, w_enc, indices)
+def _gather_encode_fwd(x, b_in, w_enc, b_enc, z0, indices):
+    return gather_encode(x, b_in, w_enc, b_enc, z0, indices), (x, b_in, w_enc, indices)
 
 
 def _gather_encode_bwd(res, dv):

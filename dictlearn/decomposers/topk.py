@@ -11,6 +11,7 @@ gradients through `gather_encode`, reconstruction through `gather_decode` (see s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -44,30 +45,50 @@ class TopKConfig(TopKFields, SparseCoderConfig):
         self.validate_topk()
 
 
-def auxk_loss(coder: SparseCoder, x: jax.Array, pre: jax.Array, err: jax.Array, dead: jax.Array, k_aux: int) -> jax.Array:
+def _auxk_value(params, x, z0, resid, dead, k_aux: int) -> jax.Array:
+    b_in, w_enc, b_enc, w_dec = params
+    _, idx = top_k(jnp.where(dead, z0 + b_enc, -jnp.inf), k_aux)
+    vals = jax.nn.relu(gather_encode(x, b_in, w_enc, b_enc, z0, idx))
+    vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
+    resid_hat = gather_decode(vals, idx, w_dec)
+    denom = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
+    scale = jnp.minimum(jnp.sum(dead) / k_aux, 1.0)
+    return scale * jnp.sum((resid_hat - resid) ** 2) / denom
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _auxk(params, x, z0, resid, dead, k_aux: int) -> jax.Array:
+    return _auxk_fwd(params, x, z0, resid, dead, k_aux)[0]
+
+
+def _auxk_fwd(params, x, z0, resid, dead, k_aux):
+    # Loss and parameter gradients together, inside one cond: with no dead latent the step pays
+    # for a zero scalar and zero gradients, not for a second top-k or any residual bookkeeping.
+    def on(ops):
+        return jax.value_and_grad(_auxk_value)(*ops, k_aux)
+
+    def off(ops):
+        return jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, ops[0])
+
+    loss, grads = jax.lax.cond(jnp.any(dead), on, off, (params, x, z0, resid, dead))
+    return loss, grads
+
+
+def _auxk_bwd(k_aux, grads, g):
+    return jax.tree.map(lambda a: g * a, grads), None, None, None, None
+
+
+_auxk.defvjp(_auxk_fwd, _auxk_bwd)
+
+
+def auxk_loss(coder: SparseCoder, x: jax.Array, z0: jax.Array, err: jax.Array, dead: jax.Array, k_aux: int) -> jax.Array:
     """AuxK: the top-k_aux dead latents reconstruct the detached residual, as a fraction of its variance.
 
-    Scaled by min(n_dead / k_aux, 1). Runs only when some latent is dead (lax.cond), so a healthy
-    dictionary pays nothing for it."""
-    b_in, w_enc, b_enc, w_dec = coder.input_bias(), coder.W_enc[...], coder.b_enc[...], coder.W_dec[...]
-
-    def on(x, pre, err, dead, b_in, w_enc, b_enc, w_dec):
-        _, idx = top_k(jnp.where(dead, pre, -jnp.inf), k_aux)
-        vals = jax.nn.relu(gather_encode(x.astype(jnp.float32), b_in, w_enc, b_enc, pre, idx))
-        vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
-        resid = -jax.lax.stop_gradient(err)  # y - y_hat
-        resid_hat = gather_decode(vals, idx, w_dec)
-        denom = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
-        scale = jnp.minimum(jnp.sum(dead) / k_aux, 1.0)
-        return scale * jnp.sum((resid_hat - resid) ** 2) / denom
-
-    def off(*_):
-        return jnp.zeros((), jnp.float32)
-
-    # pre enters without a gradient path: otherwise the cond's VJP would hand the encoder matmul a dense
-    # (B, n) cotangent, and the backward would pay two dense matmuls even when no latent is dead.
-    pre = jax.lax.stop_gradient(pre)
-    return jax.lax.cond(jnp.any(dead), on, off, x, pre, err, dead, b_in, w_enc, b_enc, w_dec)
+    Scaled by min(n_dead / k_aux, 1). Only the parameters get gradients (the residual is detached),
+    and the whole computation runs only when some latent is dead."""
+    params = (coder.input_bias(), coder.W_enc[...], coder.b_enc[...], coder.W_dec[...])
+    resid = -jax.lax.stop_gradient(err)  # y - y_hat
+    return _auxk(params, x.astype(jnp.float32), jax.lax.stop_gradient(z0), resid, dead, k_aux)
 
 
 class TopKSparsity(Sparsity):
@@ -84,25 +105,26 @@ class TopKSparsity(Sparsity):
         # Tokens seen since each latent last fired (saturates at 2**30 to stay within int32).
         self.tokens_since_fired = Buffer(jnp.zeros((n,), jnp.int32))
 
-    def select(self, coder: SparseCoder, x: jax.Array, pre: jax.Array, grad: jax.Array | None) -> SparseCodes:
-        _, idx = top_k(jax.lax.stop_gradient(pre), self.k)
-        return select_codes(coder, x, pre, idx)
+    def select(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, grad: jax.Array | None) -> SparseCodes:
+        z0 = jax.lax.stop_gradient(z0)
+        _, idx = top_k(z0, self.k, jax.lax.stop_gradient(coder.b_enc[...]))
+        return select_codes(coder, x, z0, idx)
 
-    def train_codes(self, coder, x, pre, batch) -> Codes:
-        return self.select(coder, x, pre, batch.get("grad"))
+    def train_codes(self, coder, x, z0, batch) -> Codes:
+        return self.select(coder, x, z0, batch.get("grad"))
 
-    def infer_codes(self, coder, x, pre, grad) -> Codes:
-        return self.select(coder, x, pre, grad)
+    def infer_codes(self, coder, x, z0, grad) -> Codes:
+        return self.select(coder, x, z0, grad)
 
     def dead_mask(self) -> jax.Array:
         return self.tokens_since_fired[...] >= self.dead_tokens
 
-    def penalty(self, coder, x, pre, codes, err):
+    def penalty(self, coder, x, z0, codes, err):
         dead = self.dead_mask()
         metrics = {"dead_frac": jnp.mean(dead.astype(jnp.float32))}
         if self.aux_coefficient == 0:
             return jnp.zeros((), jnp.float32), metrics
-        aux = auxk_loss(coder, x, pre, err, dead, self.k_aux)
+        aux = auxk_loss(coder, x, z0, err, dead, self.k_aux)
         metrics["auxk"] = aux
         return self.aux_coefficient * aux, metrics
 
