@@ -13,13 +13,18 @@ from flax import nnx
 
 
 def train(model, data: dict[str, np.ndarray], steps: int, batch_size: int, lr: float = 1e-3, seed: int = 0,
-          init: bool = True) -> dict[str, np.ndarray]:
+          init: bool = True, decay: bool = False) -> dict[str, np.ndarray]:
     """(Optionally) init from a data sample, then `steps` Adam steps on random minibatches, updating
-    `model` in place; returns the metrics of the last step."""
+    `model` in place; returns every step's metrics, stacked (index -1 for the last step).
+    decay: the learning rate falls linearly to a tenth over the last 40% of the steps."""
     rows = next(iter(data.values())).shape[0]
     if init:
         model.init_from_data(jnp.asarray(data["x"][:2048]), jnp.asarray(data["y"][:2048]))
-    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+    schedule = lr
+    if decay:
+        hold = int(steps * 0.6)
+        schedule = optax.join_schedules([optax.constant_schedule(lr), optax.linear_schedule(lr, lr / 10, steps - hold)], [hold])
+    opt = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
     graph, state = nnx.split((model, opt))
     idx = np.random.default_rng(seed).integers(0, rows, (steps, batch_size))
     batches = {k: jnp.asarray(v[idx]) for k, v in data.items()}
@@ -33,4 +38,4 @@ def train(model, data: dict[str, np.ndarray], steps: int, batch_size: int, lr: f
 
     state, metrics = jax.jit(lambda s, b: jax.lax.scan(one, s, b))(state, batches)
     nnx.update((model, opt), state)
-    return jax.device_get(jax.tree.map(lambda m: m[-1], metrics))
+    return jax.device_get(metrics)

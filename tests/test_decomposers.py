@@ -27,9 +27,7 @@ CASES = [
     ("jumprelu", {"initial_threshold": 0.05, "bandwidth": 0.1, "l0_coefficient": 0.01}),
     ("gtopk", {"k": 4, "beta": 2.0}),
     ("transcoder", {"sparsity": "topk", "k": 4}),
-    ("transcoder", {"sparsity": "batchtopk", "k": 4}),
     ("transcoder", {"sparsity": "jumprelu", "initial_threshold": 0.05, "bandwidth": 0.1}),
-    ("skip_transcoder", {"sparsity": "relu"}),
     ("skip_transcoder", {"sparsity": "gtopk", "k": 4}),
 ]
 IDS = [f"{k}-{o.get('sparsity', '')}".rstrip("-") for k, o in CASES]
@@ -59,16 +57,6 @@ def _batch(model, data: dict[str, np.ndarray], rows: slice = slice(0, B)) -> dic
     if model.needs_grad:
         out["grad"] = jnp.asarray(data["grad"][rows])
     return out
-
-
-def _trained(kind: str, overrides: dict, steps: int = 30, scale_in: float = 1.0, scale_out: float = 1.0):
-    model = D.build(kind, _config(kind, overrides))
-    data = _data(kind)
-    scaled = {"x": data["x"] * scale_in, "y": data["y"] * scale_out, "grad": data["grad"] / scale_out}
-    if not model.needs_grad:
-        del scaled["grad"]
-    train(model, scaled, steps=steps, batch_size=B, lr=1e-2)
-    return model, data
 
 
 def _arrays(model) -> dict[str, np.ndarray]:
@@ -186,10 +174,9 @@ def test_trains_saves_loads_and_folds(kind, overrides, tmp_path):
     scaled = {"x": data["x"] * s_in, "y": data["y"] * s_out, "grad": data["grad"] / s_out}
     if not model.needs_grad:
         del scaled["grad"]
-    first = train(model, scaled, steps=1, batch_size=B, lr=1e-2)
-    last = train(model, scaled, steps=40, batch_size=B, lr=1e-2, init=False)
-    assert np.isfinite(last["loss"]) and last["mse"] < first["mse"]
-    assert last["fired"].shape == (N,) and last["fired"].dtype == bool
+    metrics = train(model, scaled, steps=40, batch_size=B, lr=1e-2)
+    assert np.all(np.isfinite(metrics["loss"])) and metrics["mse"][-5:].mean() < metrics["mse"][:5].mean()
+    assert metrics["fired"].shape == (40, N) and metrics["fired"].dtype == bool
     if "skip" in kind:
         assert np.any(np.asarray(model.W_skip[...]))
 
@@ -329,7 +316,7 @@ def test_jumprelu_straight_through_gradients():
 
     pre = jnp.array([[0.10, 0.52, 0.90], [0.49, 0.30, 1.20]])
     theta, eps = jnp.array([0.5, 0.5, 0.93]), 0.1
-    np.testing.assert_array_equal(np.asarray(jumprelu(pre, theta, eps)), [[0, 0.52, 0], [0, 0, 1.2]])
+    np.testing.assert_allclose(np.asarray(jumprelu(pre, theta, eps)), [[0, 0.52, 0], [0, 0, 1.2]], rtol=1e-6)
     g_pre, g_theta = jax.grad(lambda p, t: jumprelu(p, t, eps).sum(), (0, 1))(pre, theta)
     np.testing.assert_array_equal(np.asarray(g_pre), [[0, 1, 0], [0, 0, 1]])
     # Only pre within eps/2 of theta counts: 0.49 for latent 0, 0.52 for latent 1, 0.90 for latent 2.
