@@ -43,7 +43,7 @@ class SNMFTrainConfig:
     keep_fraction: float = 0.01  # fraction of d_mlp kept per feature (winner-take-all); 1.0: no sparsity
     inner_steps: int = 5  # multiplicative G updates per F update (the paper: 1)
     refit_steps: int = 10  # conjugate-gradient steps refitting F on its kept support (the paper: 0)
-    reseed_every: int = 10  # restart duplicate/dead features every this many iterations (0: never; the paper: 0)
+    reseed_every: int = 10  # restart duplicate/dead features every this many iterations or minibatches (0: never)
     max_iters: int = 500  # in-memory iterations at most
     patience: int = 50  # stop after this many iterations without a relative improvement of tol
     tol: float = 1e-4  # relative improvement of the best loss that resets patience
@@ -196,23 +196,27 @@ def fit_streaming(
     *,
     keep_fraction: float = 0.01,
     refit_steps: int = 10,
+    reseed_every: int = 10,
     forgetting: float = 0.9,
     code_iters: int = 30,
     code_solver: str = "pgd",
     scale: float = 1.0,
+    init_rows: np.ndarray | jax.Array | None = None,
     on_batch: Callable[[int, float, float], None] | None = None,
 ) -> StreamResult:
     """Streaming semi-NMF over `n_batches` minibatches (B, d) from F0: per batch, codes with F fixed,
     decayed statistics X^T G and G^T G, F from them. on_batch(index, loss, |X_b|^2) after each."""
     t0 = time.perf_counter()
     d = f0.shape[0]
-    opts = solver.SolverOptions(keep=solver.keep_count(d, keep_fraction), refit=refit_steps)
-    state = solver.stream_state(jnp.asarray(f0))
+    opts = solver.SolverOptions(keep=solver.keep_count(d, keep_fraction), refit=refit_steps, reseed_every=reseed_every)
+    reseed_until = (2 * n_batches) // 3  # the last third settles: a feature restarted then would end unfinished
+    state = solver.stream_state(jnp.asarray(f0), init_rows)
     lam = jnp.asarray(forgetting, jnp.float32)
     losses = []
     for i in range(n_batches):
         xb = jnp.asarray(next(batches), jnp.float32) * scale
-        state, loss = solver.stream_step(state, xb, lam, opts, code_iters, code_solver)
+        reseed = jnp.asarray(reseed_every > 0 and i % reseed_every == 0 and i < reseed_until)
+        state, loss = solver.stream_step(state, xb, lam, opts, code_iters, code_solver, reseed)
         losses.append(float(loss))
         if on_batch is not None:
             on_batch(i, losses[-1], float(jnp.vdot(xb, xb)))
@@ -317,8 +321,9 @@ def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out
 
             batches = (b[key] for b in source.iterate(0))
             res = fit_streaming(batches, cfg.passes * per_pass, init.f, keep_fraction=cfg.keep_fraction,
-                                refit_steps=cfg.refit_steps, forgetting=cfg.forgetting, code_iters=cfg.code_iters,
-                                code_solver=cfg.code_solver, scale=scale, on_batch=on_batch)
+                                refit_steps=cfg.refit_steps, reseed_every=cfg.reseed_every, forgetting=cfg.forgetting,
+                                code_iters=cfg.code_iters, code_solver=cfg.code_solver, scale=scale,
+                                init_rows=x, on_batch=on_batch)
             f = res.f
             loss, sq, centred = evaluate_loss(f, (b[key] for b in source.iterate(0)), per_pass,
                                               code_iters=cfg.encode_iters, code_solver=cfg.encode_solver, scale=scale)

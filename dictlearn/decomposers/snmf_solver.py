@@ -34,7 +34,7 @@ class SolverOptions(NamedTuple):
     inner: int = 1  # multiplicative G updates per F update (the paper: 1)
     refit: int = 0  # masked conjugate-gradient steps refitting F on its support (the paper: 0)
     reseed_every: int = 0  # every this many iterations, restart duplicate or dead features (0: never)
-    reseed_cos: float = 0.99  # two features with cosine above this are duplicates
+    reseed_cos: float = 0.95  # two features with cosine above this are duplicates
     ridge: float = RIDGE
     eps: float = EPS
 
@@ -164,6 +164,15 @@ def memory_iteration(x: jax.Array, sq_x: jax.Array, f: jax.Array, g: jax.Array, 
     return f, g, gtg, loss_from_stats(sq_x, p, g, q, gtg)
 
 
+def flagged_features(f: jax.Array, gtg: jax.Array, max_cos: float) -> jax.Array:
+    """(K,) bool: features that duplicate an earlier one (cosine > max_cos) or are dead (zero column or
+    codes that never fire)."""
+    fnorm = jnp.linalg.norm(f, axis=0)
+    fn = f / jnp.maximum(fnorm, NORM_FLOOR)
+    cos = jnp.triu(fn.T @ fn, k=1)
+    return (jnp.max(cos, axis=0) > max_cos) | (fnorm <= NORM_FLOOR) | (jnp.diag(gtg) <= NORM_FLOOR**2)
+
+
 def reseed_features(x: jax.Array, sq_rows: jax.Array, f: jax.Array, g: jax.Array, gtg: jax.Array, opts: SolverOptions):
     """Restart features that duplicate an earlier one or died, from the worst-reconstructed rows.
 
@@ -172,10 +181,7 @@ def reseed_features(x: jax.Array, sq_rows: jax.Array, f: jax.Array, g: jax.Array
     and u the residual of one of the worst-reconstructed rows (a different row per flagged feature),
     so the next F update turns it toward what is missing. Costs nothing unless a feature is flagged."""
     k = f.shape[1]
-    fnorm = jnp.linalg.norm(f, axis=0)
-    fn = f / jnp.maximum(fnorm, NORM_FLOOR)
-    cos = jnp.triu(fn.T @ fn, k=1)
-    flag = (jnp.max(cos, axis=0) > opts.reseed_cos) | (fnorm <= NORM_FLOOR) | (jnp.diag(gtg) <= NORM_FLOOR**2)
+    flag = flagged_features(f, gtg, opts.reseed_cos)
 
     def restart(_):
         q = f.T @ f
@@ -356,22 +362,49 @@ class StreamState(NamedTuple):
     gtg: jax.Array  # (K, K) decayed sum of G_b^T G_b
 
 
-def stream_state(f0: jax.Array) -> StreamState:
+def stream_state(f0: jax.Array, x0: jax.Array | None = None, code_iters: int = 100) -> StreamState:
+    """Start from F0 (columns normalised). With rows x0 (the sample F0 was fitted on), the statistics
+    start as theirs, so the first minibatches refine F0 instead of replacing it."""
     d, k = f0.shape
-    f0 = f0 / jnp.maximum(jnp.linalg.norm(f0, axis=0, keepdims=True), NORM_FLOOR)
-    return StreamState(f0.astype(jnp.float32), jnp.zeros((d, k), jnp.float32), jnp.zeros((k, k), jnp.float32))
+    f0 = (f0 / jnp.maximum(jnp.linalg.norm(f0, axis=0, keepdims=True), NORM_FLOOR)).astype(jnp.float32)
+    if x0 is None:
+        return StreamState(f0, jnp.zeros((d, k), jnp.float32), jnp.zeros((k, k), jnp.float32))
+    x0 = jnp.asarray(x0, jnp.float32)
+    g = solve_codes(x0 @ f0, f0.T @ f0, code_iters)
+    return StreamState(f0, x0.T @ g, g.T @ g)
+
+
+def reseed_streaming(state: StreamState, xb: jax.Array, g: jax.Array, f_used: jax.Array, opts: SolverOptions) -> StreamState:
+    """The streaming form of `reseed_features`: a duplicate or dead feature becomes the (sparsified)
+    residual of one of the batch's worst-reconstructed rows, and its statistics start afresh."""
+    f, k = state.f, state.f.shape[1]
+    flag = flagged_features(f, state.gtg, opts.reseed_cos)
+
+    def restart(_):
+        res = xb - g @ f_used.T
+        worst = jax.lax.top_k(jnp.sum(res * res, axis=1), min(k, xb.shape[0]))[1]
+        rows = worst[jnp.clip(jnp.cumsum(flag) - 1, 0, worst.shape[0] - 1)]
+        u = res[rows].T  # (d, K)
+        if opts.keep < u.shape[0]:
+            u = u * support_mask(u, opts.keep)
+        u = u / jnp.maximum(jnp.linalg.norm(u, axis=0, keepdims=True), NORM_FLOOR)
+        live = (~flag).astype(f.dtype)
+        return StreamState(jnp.where(flag[None, :], u, f), state.xtg * live[None, :], state.gtg * live[:, None] * live[None, :])
+
+    return jax.lax.cond(jnp.any(flag), restart, lambda _: state, None)
 
 
 @partial(jax.jit, static_argnames=("opts", "code_iters", "code_method"), donate_argnames=("state",))
 def stream_step(
-    state: StreamState, xb: jax.Array, forgetting: jax.Array, opts: SolverOptions, code_iters: int, code_method: str
+    state: StreamState, xb: jax.Array, forgetting: jax.Array, opts: SolverOptions, code_iters: int, code_method: str,
+    reseed: jax.Array | bool = False,
 ) -> tuple[StreamState, jax.Array]:
     """One minibatch: codes with F fixed, decayed statistics, F from the statistics (sparsified,
-    column-normalised with the statistics rescaled to match). Returns (state, the batch's loss
-    under the F it was encoded with)."""
-    f = state.f
-    p = xb @ f
-    q = f.T @ f
+    column-normalised with the statistics rescaled to match), and when `reseed`, duplicate or dead
+    features restarted. Returns (state, the batch's loss under the F it was encoded with)."""
+    f_used = state.f
+    p = xb @ f_used
+    q = f_used.T @ f_used
     g = solve_codes(p, q, code_iters, code_method, opts.eps)
     gtg_b = g.T @ g
     loss = loss_from_stats(jnp.vdot(xb, xb), p, g, q, gtg_b)
@@ -380,7 +413,10 @@ def stream_step(
     f = least_squares_f(xtg, gtg, opts.ridge * jnp.maximum(jnp.trace(gtg) / gtg.shape[0], 1.0))
     f = sparsify_f(f, xtg, gtg, opts)
     c = jnp.maximum(jnp.linalg.norm(f, axis=0), NORM_FLOOR)
-    return StreamState(f / c, xtg * c, gtg * c[:, None] * c[None, :]), loss
+    state = StreamState(f / c, xtg * c, gtg * c[:, None] * c[None, :])
+    if opts.reseed_every > 0:
+        state = jax.lax.cond(reseed, lambda: reseed_streaming(state, xb, g, f_used, opts), lambda: state)
+    return state, loss
 
 
 @partial(jax.jit, static_argnames=("code_iters", "code_method"))
