@@ -105,7 +105,7 @@ def run_dictlearn(train: np.ndarray, evalx: np.ndarray, args) -> dict:
     model = D.build("topk", {"d_in": d, "n_features": args.expansion * d, "k": args.k, "seed": args.seed})
     order = batch_order(train.shape[0], args.batch, args.epochs, args.seed)
     sample = train[np.sort(order[0])]
-    scale = float(1.0 / np.sqrt(np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1))))
+    scale = float(1.0 / np.sqrt(np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1)))) if args.scale_inputs else 1.0
     model.init_from_data(jnp.asarray(sample * scale), jnp.asarray(sample * scale))
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, args.lr, args.warmup), optax.linear_schedule(args.lr, 0.0, len(order) - args.warmup)],
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.0, help="0: sparsify's default, 2e-4 / sqrt(n_latents / 2**14)")
     ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (0: 10%% of the steps, at most 1000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-scale", dest="scale_inputs", action="store_false",
+                    help="dictlearn trains on raw activations, as sparsify does (default: unit mean squared norm, folded back)")
+    ap.add_argument("--skip-sparsify", action="store_true")
     ap.add_argument("--peer-venvs", default=os.environ.get("DICTLEARN_PEER_VENVS", "/work/peer-venvs"))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -180,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"dictlearn": run_dictlearn(train, evalx, args)}
     print(f"  dictlearn  FVU {results['dictlearn']['fvu']:.4f}  ({results['dictlearn']['seconds']:.0f} s)", flush=True)
     exe = Path(args.peer_venvs) / "sparsify" / "bin" / "python"
-    if not exe.is_file():
+    if args.skip_sparsify:
+        pass
+    elif not exe.is_file():
         print(f"  sparsify   skipped: no venv at {exe.parent.parent} (see bench/train_throughput.py)")
     else:
         with tempfile.TemporaryDirectory() as tmp:

@@ -90,6 +90,7 @@ def test_config_json_round_trip(kind, overrides):
     ("jumprelu", {"bandwidth": 0.0}, "bandwidth"),
     ("batchtopk", {"k": 4, "row_slots": 2}, "row_slots"),
     ("gtopk", {"beta": -1.0}, "beta"),
+    ("topk", {"encoder_init_norm": 0.0}, "encoder_init_norm"),
     ("transcoder", {"sparsity": "topq"}, "unknown sparsity"),
     ("transcoder", {"sparsity": "jumprelu", "initial_threshold": -1.0}, "initial_threshold"),
     ("topk", {"k": "32"}, "expected int"),
@@ -111,7 +112,10 @@ def test_unknown_kind_lists_the_known_ones():
 def test_shapes_tied_init_and_skip_path_at_zero():
     sae = D.build("topk", _config("topk", {"k": 4}))
     assert sae.W_enc.shape == (N, D_IN) and sae.W_dec.shape == (N, D_IN) and not hasattr(sae, "b_in")
-    np.testing.assert_array_equal(np.asarray(sae.W_enc[...]), np.asarray(sae.W_dec[...]))  # encoder = decoder^T
+    enc, dec = np.asarray(sae.W_enc[...]), np.asarray(sae.W_dec[...])
+    np.testing.assert_allclose(enc, dec * 3**-0.5, rtol=1e-6)  # encoder = decoder^T, rows of norm 1/sqrt(3)
+    unit = D.build("topk", _config("topk", {"k": 4, "encoder_init_norm": 1.0}))
+    np.testing.assert_array_equal(np.asarray(unit.W_enc[...]), np.asarray(unit.W_dec[...]))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(sae.W_dec[...]), axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(sae.features()), np.asarray(sae.W_dec[...]))
 
