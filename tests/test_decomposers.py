@@ -114,8 +114,9 @@ def test_shapes_tied_init_and_skip_path_at_zero():
     assert sae.W_enc.shape == (N, D_IN) and sae.W_dec.shape == (N, D_IN) and not hasattr(sae, "b_in")
     enc, dec = np.asarray(sae.W_enc[...]), np.asarray(sae.W_dec[...])
     np.testing.assert_allclose(enc, dec * 3**-0.5, rtol=1e-6)  # encoder = decoder^T, rows of norm 1/sqrt(3)
-    unit = D.build("topk", _config("topk", {"k": 4, "encoder_init_norm": 1.0}))
-    np.testing.assert_array_equal(np.asarray(unit.W_enc[...]), np.asarray(unit.W_dec[...]))
+    for unit in (D.build("topk", _config("topk", {"k": 4, "encoder_init_norm": 1.0})), D.build("relu", _config("relu", {})),
+                 D.build("jumprelu", _config("jumprelu", {}))):  # set explicitly; the penalty mechanisms' default
+        np.testing.assert_array_equal(np.asarray(unit.W_enc[...]), np.asarray(unit.W_dec[...]))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(sae.W_dec[...]), axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(sae.features()), np.asarray(sae.W_dec[...]))
 

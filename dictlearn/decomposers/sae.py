@@ -39,22 +39,27 @@ class SparseCoderConfig(DecomposerConfig):
 
     normalize_decoder: bool = True  # keep decoder rows at unit norm (gradient projection + renormalisation)
     median_iters: int = 16  # Weiszfeld iterations for the decoder-bias initialisation (0: the mean)
-    # Norm of the encoder's rows at initialisation (the decoder's rows are unit norm). 1/sqrt(3) is what a
-    # PyTorch nn.Linear row starts at (sparsify's and most SAE codebases' start). With Adam it sets how fast
-    # the encoder moves relative to its size: measured on SmolLM2 resid_post.10 (16x, k 32, 195 steps),
-    # held-out FVU 0.445 at norm 1.0, 0.381 at 1/sqrt(3), 0.390 at 0.3, 0.416 at 0.15 (bench/fvu_vs_sparsify.py).
-    encoder_init_norm: float = 3**-0.5
+    # Norm of the encoder's rows at initialisation (the decoder's rows are unit norm); None: the sparsity
+    # mechanism's default (`default_encoder_init_norm`), filled in here so saved configs record it.
+    encoder_init_norm: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.median_iters < 0:
             raise ValueError(f"median_iters must be >= 0, got {self.median_iters}")
+        if self.encoder_init_norm is None:
+            self.encoder_init_norm = self.default_encoder_init_norm()
         if not self.encoder_init_norm > 0:
             raise ValueError(f"encoder_init_norm must be positive, got {self.encoder_init_norm}")
         self.validate()
 
     def validate(self) -> None:
         """Check the kind-specific fields; subclasses extend it."""
+
+    def default_encoder_init_norm(self) -> float:
+        """With Adam the encoder's starting norm sets how fast it moves relative to its size; penalty-based
+        mechanisms (ReLU + L1, JumpReLU + L0) keep 1, the TopK family overrides it."""
+        return 1.0
 
 
 def check(cond: bool, message: str) -> None:

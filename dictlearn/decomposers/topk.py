@@ -31,6 +31,12 @@ class TopKFields:
     aux_coefficient: float = 1 / 32  # weight of the AuxK loss (0 disables it)
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
 
+    def default_encoder_init_norm(self) -> float:
+        # 1/sqrt(3): where a PyTorch nn.Linear row starts (sparsify's start). Measured on SmolLM2 resid_post.10
+        # (16x, k 32, 195 steps): held-out FVU 0.445 at norm 1.0, 0.381 at 1/sqrt(3), 0.390 at 0.3, 0.416 at
+        # 0.15, sparsify 0.381 (bench/fvu_vs_sparsify.py). BatchTopK and gradient TopK inherit it.
+        return 3**-0.5
+
     def validate_topk(self) -> None:
         check(0 < self.k <= self.n_features, f"k must be in 1..n_features ({self.n_features}), got {self.k}")
         check(self.k_aux is None or self.k_aux > 0, f"k_aux must be positive (or unset for d_in // 2), got {self.k_aux}")

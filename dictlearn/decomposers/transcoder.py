@@ -30,6 +30,9 @@ class TranscoderConfig(GTopKFields, BatchTopKFields, JumpReLUFields, ReLUFields,
 
     sparsity: str = "topk"  # topk | batchtopk | jumprelu | relu | gtopk
 
+    def default_encoder_init_norm(self) -> float:
+        return TopKFields.default_encoder_init_norm(self) if self.sparsity in ("topk", "batchtopk", "gtopk") else 1.0
+
     def validate(self) -> None:
         super().validate()
         check(self.sparsity in SPARSITIES,
