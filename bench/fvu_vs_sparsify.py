@@ -11,7 +11,7 @@ The dictlearn side runs the decomposer protocol in the trainer's order (loss, pr
 after_step); sparsify runs in its own venv (see bench/train_throughput.py for the setup).
 
 Usage: .venv/bin/python bench/fvu_vs_sparsify.py CACHE [--hookpoint resid_post.10] [--expansion 16] [--k 32]
-       [--batch 1024] [--epochs 2] [--max-train-rows N] [--lr LR]
+       [--batch 1024] [--epochs 2] [--max-train-rows N] [--lr LR] [--encoder-init-norm R] [--no-scale] [--skip-sparsify]
 """
 
 from __future__ import annotations
@@ -102,7 +102,10 @@ def run_dictlearn(train: np.ndarray, evalx: np.ndarray, args) -> dict:
     import dictlearn.decomposers as D
 
     d = train.shape[1]
-    model = D.build("topk", {"d_in": d, "n_features": args.expansion * d, "k": args.k, "seed": args.seed})
+    config = {"d_in": d, "n_features": args.expansion * d, "k": args.k, "seed": args.seed}
+    if args.encoder_init_norm:
+        config["encoder_init_norm"] = args.encoder_init_norm
+    model = D.build("topk", config)
     order = batch_order(train.shape[0], args.batch, args.epochs, args.seed)
     sample = train[np.sort(order[0])]
     scale = float(1.0 / np.sqrt(np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1)))) if args.scale_inputs else 1.0
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scale", dest="scale_inputs", action="store_false",
                     help="dictlearn trains on raw activations, as sparsify does (default: unit mean squared norm, folded back)")
+    ap.add_argument("--encoder-init-norm", type=float, default=0.0, help="dictlearn's encoder row norm at init (0: its default)")
     ap.add_argument("--skip-sparsify", action="store_true")
     ap.add_argument("--peer-venvs", default=os.environ.get("DICTLEARN_PEER_VENVS", "/work/peer-venvs"))
     ap.add_argument("--json", help="also write the results here")
@@ -183,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"dictlearn": run_dictlearn(train, evalx, args)}
     print(f"  dictlearn  FVU {results['dictlearn']['fvu']:.4f}  ({results['dictlearn']['seconds']:.0f} s)", flush=True)
     exe = Path(args.peer_venvs) / "sparsify" / "bin" / "python"
-    if args.skip_sparsify:
-        pass
-    elif not exe.is_file():
+    if not args.skip_sparsify and not exe.is_file():
         print(f"  sparsify   skipped: no venv at {exe.parent.parent} (see bench/train_throughput.py)")
-    else:
+    elif not args.skip_sparsify:
         with tempfile.TemporaryDirectory() as tmp:
             np.save(Path(tmp) / "train.npy", train)
             np.save(Path(tmp) / "eval.npy", evalx)

@@ -16,6 +16,7 @@ Peers live in their own virtual environments (the project's stays untouched):
   python3 -m venv /work/peer-venvs/saelens  && /work/peer-venvs/saelens/bin/pip install torch==2.13.0 sae-lens
 
 Usage:  .venv/bin/python bench/train_throughput.py [--sizes 768x16384,576x9216] [--rounds 3] [--steps 4]
+        [--profile DIR]  (also prints where dictlearn's step spends its time, op by op)
 The same file is the peers' worker (`--worker sparsify|saelens`); its top level imports only numpy.
 """
 
@@ -140,7 +141,7 @@ def run_worker(args) -> None:
 # ---- dictlearn (this process) ----------------------------------------------------------------------
 
 
-def dictlearn_step(x: np.ndarray, n_latents: int, k: int, compiler_options: dict | None = None, **config):
+def dictlearn_step(x: np.ndarray, n_latents: int, k: int):
     """The trainer's step for one TopK SAE: loss, grads, project, Adam, after_step; donated state."""
     import jax
     import optax
@@ -148,7 +149,7 @@ def dictlearn_step(x: np.ndarray, n_latents: int, k: int, compiler_options: dict
 
     import dictlearn.decomposers as D
 
-    model = D.build("topk", {"d_in": x.shape[1], "n_features": n_latents, "k": k, **config})
+    model = D.build("topk", {"d_in": x.shape[1], "n_features": n_latents, "k": k})
     xj = jax.device_put(x)
     model.init_from_data(xj, xj)
     opt = nnx.Optimizer(model, optax.adam(2e-4 / (n_latents / 2**14) ** 0.5), wrt=nnx.Param)
@@ -163,7 +164,7 @@ def dictlearn_step(x: np.ndarray, n_latents: int, k: int, compiler_options: dict
         model.after_step(metrics)
         return (nnx.state(model), nnx.state(opt)), loss
 
-    step = jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
+    step = jax.jit(step, donate_argnums=0)
     holder = {"states": (model_state, opt_state)}
     batch = {"x": xj, "y": xj}
 
@@ -202,6 +203,28 @@ def run_peer(exe: Path, name: str, data: Path, n: int, k: int, steps: int, warmu
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def print_profile(run, folder: Path, steps: int, top: int = 12) -> None:
+    """Trace `steps` dictlearn steps with jax.profiler and print the costliest XLA ops per step (the
+    per-op events need XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true, which --profile sets)."""
+    import gzip
+    from collections import Counter
+
+    import jax
+
+    jax.profiler.start_trace(str(folder))
+    for _ in range(steps):
+        run()
+    jax.profiler.stop_trace()
+    trace = max(folder.rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    ms = Counter()
+    for e in json.load(gzip.open(trace))["traceEvents"]:
+        if e.get("ph") == "X" and not e["name"].startswith(("ThunkExecutor", "$")):
+            ms[e["name"]] += e.get("dur", 0) / 1e3 / steps
+    print(f"  dictlearn step, costliest XLA ops (ms per step; trace in {folder}):")
+    for name, t in ms.most_common(top):
+        print(f"    {t:8.1f}  {name}")
+
+
 def summary(times: list[float], batch: int) -> dict[str, float]:
     med = statistics.median(times)
     q = np.percentile(times, [25, 75])
@@ -229,6 +252,8 @@ def bench_size(d: int, n: int, args, venvs: Path, tmp: Path) -> dict:
             rates[key].append(v)
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{s} {args.batch / statistics.median(t):,.0f} tok/s" for s, t in times.items()), flush=True)
+    if args.profile:
+        print_profile(run, Path(args.profile) / f"{d}x{n}", args.steps)
     best = {key: max(v) for key, v in rates.items() if v}
     flops_per_token = 2 * d * n + 8 * args.k * d
     limit = max(best.values()) / flops_per_token
@@ -255,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="sparsify,saelens", help="comma separated; '' for none")
     ap.add_argument("--peer-venvs", default=os.environ.get("DICTLEARN_PEER_VENVS", "/work/peer-venvs"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", help="also trace dictlearn's step into this folder and print its costliest XLA ops")
     ap.add_argument("--worker", choices=sorted(PEERS), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--n-latents", type=int, help=argparse.SUPPRESS)
@@ -262,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args)
         return 0
+    if args.profile:  # before JAX starts (it is imported lazily): per-op trace events on CPU
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     args.peers = [p for p in args.peers.split(",") if p]
     bad = [p for p in args.peers if p not in PEERS]
     if bad:

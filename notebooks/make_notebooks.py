@@ -24,8 +24,7 @@ sorted(records)'''
 
 
 def quickstart() -> nbf.NotebookNode:
-    nb = nbf.v4.new_notebook()
-    c = [
+    return nbf.v4.new_notebook(cells=[
         nbf.v4.new_markdown_cell("# dictlearn quickstart\n\nLoad the quickstart's dictionaries, look at the "
                                  "comparison, browse feature cards, and steer SmolLM2 with a feature."),
         nbf.v4.new_code_cell(SETUP),
@@ -87,14 +86,11 @@ with steer(lm, feats.hookpoint, feats.vectors[feature], 8.0 * float(np.mean([c["
 print("unsteered:", plain)
 print(f"steered (feature {feature}):", steered)
 assert plain != steered'''),
-    ]
-    nb.cells = c
-    return nb
+    ])
 
 
 def compare() -> nbf.NotebookNode:
-    nb = nbf.v4.new_notebook()
-    c = [
+    return nbf.v4.new_notebook(cells=[
         nbf.v4.new_markdown_cell("# Comparing decompositions\n\nSAEs, a transcoder and semi-NMF were trained on the "
                                  "same cached activations of SmolLM2 layer 10. How do their features relate?"),
         nbf.v4.new_code_cell(SETUP),
@@ -136,9 +132,7 @@ resid = unit(snmf.resid_features())
 best = (resid @ unit(tc.features()).T).max(1)
 print(f"semi-NMF ({resid.shape[0]} features) vs transcoder ({tc.config.n_features}): median best cosine {np.median(best):.2f}")
 assert resid.shape[1] == tc.config.d_out'''),
-    ]
-    nb.cells = c
-    return nb
+    ])
 
 
 if __name__ == "__main__":

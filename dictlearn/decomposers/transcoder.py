@@ -30,14 +30,17 @@ class TranscoderConfig(GTopKFields, BatchTopKFields, JumpReLUFields, ReLUFields,
 
     sparsity: str = "topk"  # topk | batchtopk | jumprelu | relu | gtopk
 
+    def topk_family(self) -> bool:
+        return issubclass(SPARSITIES.get(self.sparsity, Sparsity), TopKSparsity)
+
     def default_encoder_init_norm(self) -> float:
-        return TopKFields.default_encoder_init_norm(self) if self.sparsity in ("topk", "batchtopk", "gtopk") else 1.0
+        return TopKFields.default_encoder_init_norm(self) if self.topk_family() else 1.0
 
     def validate(self) -> None:
         super().validate()
         check(self.sparsity in SPARSITIES,
               f"unknown sparsity {self.sparsity!r}; choose one of: {', '.join(sorted(SPARSITIES))}")
-        if self.sparsity in ("topk", "batchtopk", "gtopk"):
+        if self.topk_family():
             self.validate_topk()
         {"batchtopk": self.validate_batchtopk, "jumprelu": self.validate_jumprelu,
          "relu": self.validate_relu, "gtopk": self.validate_gtopk}.get(self.sparsity, lambda: None)()
