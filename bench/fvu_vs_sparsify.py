@@ -120,7 +120,7 @@ def run_dictlearn(train: np.ndarray, evalx: np.ndarray, args) -> dict:
     def step(state, x):
         model, opt = nnx.merge(graph, state)
         batch = {"x": x * scale, "y": x * scale}
-        (loss, metrics), grads = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(model)
+        (loss, metrics), grads = model.loss_and_grads(batch)
         opt.update(model, model.project_grads(grads))
         model.after_step(metrics)
         return nnx.state((model, opt)), metrics["fvu"]

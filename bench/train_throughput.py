@@ -159,7 +159,7 @@ def dictlearn_step(x: np.ndarray, n_latents: int, k: int):
     def step(states, batch):
         model = nnx.merge(model_def, states[0])
         opt = nnx.merge(opt_def, states[1])
-        (loss, metrics), grads = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(model)
+        (loss, metrics), grads = model.loss_and_grads(batch)
         opt.update(model, model.project_grads(grads))
         model.after_step(metrics)
         return (nnx.state(model), nnx.state(opt)), loss

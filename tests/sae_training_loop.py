@@ -1,6 +1,6 @@
 """A minimal Adam loop over the decomposer protocol, for tests that must not depend on trainers/.
 
-Same hook order as the SGD trainer: loss under value_and_grad, project_grads, Adam, after_step.
+Same hook order as the SGD trainer: loss_and_grads, project_grads, Adam, after_step.
 Steps run inside one jitted lax.scan, so a few hundred small steps cost well under a second."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def train(model, data: dict[str, np.ndarray], steps: int, batch_size: int, lr: f
 
     def one(state, batch):
         model, opt = nnx.merge(graph, state)
-        (loss, metrics), grads = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(model)
+        (loss, metrics), grads = model.loss_and_grads(batch)
         opt.update(model, model.project_grads(grads))
         model.after_step(metrics)
         return nnx.state((model, opt)), {**metrics, "loss": loss}

@@ -189,7 +189,7 @@ def _make_step(members: list[_Member], batch_size: int, dead_window: int):
             opt = nnx.merge(m.opt_def, opt_state)
             view = m.view(batch)
             lr = m.schedule(opt.step[...])
-            (loss, metrics), grads = nnx.value_and_grad(lambda mod: mod.loss(view), has_aux=True)(model)
+            (loss, metrics), grads = model.loss_and_grads(view)
             grads = model.project_grads(grads)
             opt.update(model, grads)
             model.after_step(metrics)

@@ -77,6 +77,10 @@ class Decomposer(nnx.Module):
         """(n_features, d_out) feature directions in the space the decomposer writes to."""
         raise NotImplementedError
 
+    def loss_and_grads(self, batch: dict[str, jax.Array]) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
+        """((loss, metrics), gradients of the nnx.Params): what a training step differentiates."""
+        return nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(self)
+
     # Training hooks with no-op defaults; the SGD trainer calls them in this order each step.
     def init_from_data(self, x: jax.Array, y: jax.Array) -> None:
         """Data-dependent initialisation (e.g. decoder bias at the geometric median of a sample)."""

@@ -111,7 +111,7 @@ class JumpReLUSparsity(Sparsity):
         pre = coder.biased(z0)
         return pre * (pre > self.threshold()).astype(pre.dtype)
 
-    def penalty(self, coder, x, z0, codes, err):
+    def penalty(self, coder, x, z0, codes, err, optional=True):
         l0 = jnp.mean(jnp.sum(heaviside(coder.biased(z0), self.threshold(), self.bandwidth), axis=-1))
         coef = self.l0_coefficient * warmup(self.step[...], self.l0_warmup_steps)
         return coef * l0, {"l0_coefficient": coef}

@@ -57,7 +57,7 @@ class ReLUSparsity(Sparsity):
     def infer_codes(self, coder, x, z0, grad) -> Codes:
         return jax.nn.relu(coder.biased(z0))
 
-    def penalty(self, coder, x, z0, codes, err):
+    def penalty(self, coder, x, z0, codes, err, optional=True):
         norms = jnp.linalg.norm(coder.W_dec[...], axis=1)
         l1 = jnp.mean(codes @ norms)
         coef = self.l1_coefficient * warmup(self.step[...], self.l1_warmup_steps)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dictlearn.decomposers.base import Decomposer, DecomposerConfig
+from dictlearn.kernels import cpu as cpu_kernels
 from dictlearn.decomposers.sparse_ops import SparseCodes, densify, fired_mask, gather_decode, gather_encode
 
 Codes = SparseCodes | jax.Array  # fixed-slot sparse codes, or dense (B, n_features)
@@ -106,9 +107,16 @@ class Sparsity(nnx.Module):
         return coder.reconstruct(codes, x), codes, code_stats(codes, coder.config.n_features)
 
     def penalty(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, codes: Codes | None,
-                err: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Extra loss terms (L1, L0, AuxK) and their metrics; err = y_hat - y."""
+                err: jax.Array, optional: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Extra loss terms (L1, L0, AuxK) and their metrics; err = y_hat - y. With optional=False, leave
+        out the term `optional_term_needed` gates (same metric keys, its value 0)."""
         return jnp.zeros((), jnp.float32), {}
+
+    def optional_term_needed(self) -> jax.Array | None:
+        """A traced bool: does this step need the penalty's optional term (AuxK: is any latent dead)?
+        The training step then differentiates the loss under lax.cond, so steps without it pay nothing
+        for it, not even zero gradients. None: there is no such term."""
+        return None
 
     def after_step(self, metrics: dict[str, jax.Array]) -> None:
         """Update the mechanism's own state after an optimiser step."""
@@ -165,7 +173,7 @@ class SparseCoder(Decomposer):
 
     def encoder_product(self, x: jax.Array) -> jax.Array:
         """z0 = (x - b_in) @ W_enc.T: the pre-activations of raw inputs without b_enc, (B, n)."""
-        return (x.astype(jnp.float32) - self.input_bias()) @ self.W_enc[...].T
+        return cpu_kernels.matmul_nt(x.astype(jnp.float32) - self.input_bias(), self.W_enc[...])
 
     def biased(self, z0: jax.Array) -> jax.Array:
         return z0 + self.b_enc[...]
@@ -200,14 +208,14 @@ class SparseCoder(Decomposer):
         """Reconstruction of raw inputs (sparse decode for the TopK family, skip path included)."""
         return self.reconstruct(self.sparsity.infer_codes(self, x, self.encoder_product(x), grad), x)
 
-    def loss(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(self, batch: dict[str, jax.Array], optional: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
         x, y = batch["x"], batch["y"].astype(jnp.float32)
         z0 = self.encoder_product(x)
         y_hat, codes, stats = self.sparsity.train_forward(self, x, z0, batch)
         err = y_hat - y
         mse = jnp.mean(jnp.sum(err**2, axis=-1))
         total_var = jnp.mean(jnp.sum((y - y.mean(0)) ** 2, axis=-1))
-        penalty, extra = self.sparsity.penalty(self, x, z0, codes, err)
+        penalty, extra = self.sparsity.penalty(self, x, z0, codes, err, optional)
         metrics = {
             "mse": mse,
             "fvu": mse / jnp.maximum(total_var, 1e-12),
@@ -219,6 +227,20 @@ class SparseCoder(Decomposer):
 
     def features(self) -> jax.Array:
         return self.W_dec[...]
+
+    def loss_and_grads(self, batch):
+        needed = self.sparsity.optional_term_needed()
+        if needed is None:
+            return super().loss_and_grads(batch)
+        graphdef, state = nnx.split(self)
+
+        def version(optional: bool):
+            def run(state):
+                coder = nnx.merge(graphdef, state)
+                return nnx.value_and_grad(lambda m: m.loss(batch, optional), has_aux=True)(coder)
+            return run
+
+        return jax.lax.cond(needed, version(True), version(False), state)
 
     # ---- training hooks -----------------------------------------------------------------------
     def init_from_data(self, x: jax.Array, y: jax.Array) -> None:

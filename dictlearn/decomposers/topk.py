@@ -11,7 +11,6 @@ gradients through `gather_encode`, reconstruction through `gather_decode` (see s
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -51,50 +50,22 @@ class TopKConfig(TopKFields, SparseCoderConfig):
         self.validate_topk()
 
 
-def _auxk_value(params, x, z0, resid, dead, k_aux: int) -> jax.Array:
-    b_in, w_enc, b_enc, w_dec = params
-    _, idx = top_k(jnp.where(dead, z0 + b_enc, -jnp.inf), k_aux)
-    vals = jax.nn.relu(gather_encode(x, b_in, w_enc, b_enc, z0, idx))
-    vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
-    resid_hat = gather_decode(vals, idx, w_dec)
-    denom = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
-    scale = jnp.minimum(jnp.sum(dead) / k_aux, 1.0)
-    return scale * jnp.sum((resid_hat - resid) ** 2) / denom
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _auxk(params, x, z0, resid, dead, k_aux: int) -> jax.Array:
-    return _auxk_fwd(params, x, z0, resid, dead, k_aux)[0]
-
-
-def _auxk_fwd(params, x, z0, resid, dead, k_aux):
-    # Loss and parameter gradients together, inside one cond: with no dead latent the step pays
-    # for a zero scalar and zero gradients, not for a second top-k or any residual bookkeeping.
-    def on(ops):
-        return jax.value_and_grad(_auxk_value)(*ops, k_aux)
-
-    def off(ops):
-        return jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, ops[0])
-
-    loss, grads = jax.lax.cond(jnp.any(dead), on, off, (params, x, z0, resid, dead))
-    return loss, grads
-
-
-def _auxk_bwd(k_aux, grads, g):
-    return jax.tree.map(lambda a: g * a, grads), None, None, None, None
-
-
-_auxk.defvjp(_auxk_fwd, _auxk_bwd)
-
-
 def auxk_loss(coder: SparseCoder, x: jax.Array, z0: jax.Array, err: jax.Array, dead: jax.Array, k_aux: int) -> jax.Array:
     """AuxK: the top-k_aux dead latents reconstruct the detached residual, as a fraction of its variance.
 
-    Scaled by min(n_dead / k_aux, 1). Only the parameters get gradients (the residual is detached),
-    and the whole computation runs only when some latent is dead."""
-    params = (coder.input_bias(), coder.W_enc[...], coder.b_enc[...], coder.W_dec[...])
+    Scaled by min(n_dead / k_aux, 1). Only the parameters get gradients (the residual is detached), all
+    of them sparse (gather_encode / gather_decode). The training step computes it only when some latent
+    is dead (`TopKSparsity.optional_term_needed`)."""
+    z0 = jax.lax.stop_gradient(z0)
     resid = -jax.lax.stop_gradient(err)  # y - y_hat
-    return _auxk(params, x.astype(jnp.float32), jax.lax.stop_gradient(z0), resid, dead, k_aux)
+    b_enc = coder.b_enc[...]
+    _, idx = top_k(jnp.where(dead, z0 + jax.lax.stop_gradient(b_enc), -jnp.inf), k_aux)
+    vals = jax.nn.relu(gather_encode(x.astype(jnp.float32), coder.input_bias(), coder.W_enc[...], b_enc, z0, idx))
+    vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
+    resid_hat = gather_decode(vals, idx, coder.W_dec[...])
+    denom = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
+    scale = jnp.minimum(jnp.sum(dead) / k_aux, 1.0)
+    return scale * jnp.sum((resid_hat - resid) ** 2) / denom
 
 
 class TopKSparsity(Sparsity):
@@ -125,12 +96,16 @@ class TopKSparsity(Sparsity):
     def dead_mask(self) -> jax.Array:
         return self.tokens_since_fired[...] >= self.dead_tokens
 
-    def penalty(self, coder, x, z0, codes, err):
+    def optional_term_needed(self) -> jax.Array | None:
+        return jnp.any(self.dead_mask()) if self.aux_coefficient else None
+
+    def penalty(self, coder, x, z0, codes, err, optional=True):
         dead = self.dead_mask()
         metrics = {"dead_frac": jnp.mean(dead.astype(jnp.float32))}
         if self.aux_coefficient == 0:
             return jnp.zeros((), jnp.float32), metrics
-        aux = auxk_loss(coder, x, z0, err, dead, self.k_aux)
+        # loss() called directly computes AuxK every time (0 without dead latents); loss_and_grads skips it then.
+        aux = auxk_loss(coder, x, z0, err, dead, self.k_aux) if optional else jnp.zeros((), jnp.float32)
         metrics["auxk"] = aux
         return self.aux_coefficient * aux, metrics
 

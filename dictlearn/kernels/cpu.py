@@ -1,0 +1,152 @@
+"""CPU kernels for the TopK step through XLA's FFI: OpenBLAS's float32 GEMM and a threaded exact top-k.
+
+On the 2-core CPUs we measure on, XLA's own GEMM runs the encoder matmul at 70-80% of OpenBLAS's rate,
+and its TopK custom call takes longer than the whole rest of the selection. `cpu_kernels.cc` holds the
+two replacements; it is compiled on first use with the system C++ compiler against jaxlib's FFI headers
+and scipy-openblas32 (a dependency), and cached under ~/.cache/dictlearn/kernels (or
+$DICTLEARN_KERNEL_CACHE), keyed by the source and the jaxlib version.
+
+They run only on a single CPU device. On GPU or TPU, on a mesh of several devices (whose shardings an
+opaque custom call would break), with DICTLEARN_CPU_KERNELS=0, or when the build fails (a warning
+says why, once), the XLA ops run instead; results agree either way (see tests/test_cpu_kernels.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+MATMUL_TARGET = "dictlearn_cpu_matmul_nt"
+TOPK_TARGET = "dictlearn_cpu_top_k"
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernels could not be built or loaded; the XLA ops are used instead."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DICTLEARN_KERNEL_CACHE", Path.home() / ".cache" / "dictlearn" / "kernels"))
+
+
+def _openblas() -> tuple[str, str, str]:
+    """(include dir, library dir, library name) of scipy-openblas32."""
+    try:
+        import scipy_openblas32 as blas
+    except ImportError as e:
+        raise KernelBuildError("scipy-openblas32 is not installed (pip install scipy-openblas32)") from e
+    return blas.get_include_dir(), blas.get_lib_dir(), blas.get_library()
+
+
+def build(force: bool = False) -> Path:
+    """Compile cpu_kernels.cc into the cache (atomically, so concurrent processes are safe); return the .so."""
+    if sys.platform not in ("linux", "darwin"):
+        raise KernelBuildError(f"the CPU kernels are built on Linux and macOS only, not {sys.platform}")
+    include, libdir, libname = _openblas()
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise KernelBuildError(f"no C++ compiler ({cxx!r} not found; install g++ or set CXX)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + jax.__version__.encode() + libdir.encode() + cxx.encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_kernels-{key}.so"
+    if out.is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-w",
+               f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), f"-L{libdir}", f"-l{libname}",
+               f"-Wl,-rpath,{libdir}", "-o", str(tmp_so)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelBuildError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        os.replace(tmp_so, out)
+    return out
+
+
+@functools.cache
+def _load() -> bool:
+    """Build (or find) the kernels and register them with XLA; False, with one warning, if that fails."""
+    # OpenBLAS's threads spin for about 2**28 cycles after each call before sleeping; on a few cores that
+    # steals one from whatever XLA runs next (measured: the top-k after the GEMM ran 40% slower).
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    try:
+        lib = ctypes.CDLL(str(build()))
+        jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.DictlearnMatmulNT), platform="cpu")
+        jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.DictlearnTopK), platform="cpu")
+    except (KernelBuildError, OSError, AttributeError) as e:
+        warnings.warn(f"dictlearn's CPU kernels are unavailable, using XLA's ops (slower): {e}", stacklevel=3)
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Use the kernels in the function being traced? Single CPU device, not turned off, built."""
+    if os.environ.get("DICTLEARN_CPU_KERNELS", "1") == "0":
+        return False
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    return _load()
+
+
+# ---- a @ w.T ---------------------------------------------------------------------------------------
+
+
+def _matmul_nt_call(a: jax.Array, w: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((a.shape[0], w.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(MATMUL_TARGET, out, vmap_method="sequential")(a, w)
+
+
+@jax.custom_vjp
+def _matmul_nt(a: jax.Array, w: jax.Array) -> jax.Array:
+    return _matmul_nt_call(a, w)
+
+
+def _matmul_nt_fwd(a, w):
+    return _matmul_nt_call(a, w), (a, w)
+
+
+def _matmul_nt_bwd(res, g):
+    a, w = res
+    return g @ w, g.T @ a
+
+
+_matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
+
+
+def matmul_nt(a: jax.Array, w: jax.Array) -> jax.Array:
+    """a @ w.T for float32 a (M, K) and w (N, K): OpenBLAS on a single CPU device, XLA elsewhere.
+    Differentiable (the backward's matmuls are XLA's)."""
+    if a.ndim != 2 or w.ndim != 2 or a.dtype != jnp.float32 or w.dtype != jnp.float32 or not enabled():
+        return a @ w.T
+    return _matmul_nt(a, w)
+
+
+# ---- top-k of rows -----------------------------------------------------------------------------------
+
+
+def top_k_rows(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array] | None:
+    """Exact top-k of each row of x (+ bias): (values, int32 indices), sorted by decreasing value, ties to
+    the lower index, like lax.top_k. None where the kernel does not apply (the caller uses XLA's). No
+    gradient: callers select with it and read values through their own differentiable path."""
+    if x.ndim < 1 or x.dtype != jnp.float32 or not 0 < k <= x.shape[-1] or not enabled():
+        return None
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    b = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    rows = jax.lax.stop_gradient(x).reshape(-1, n)
+    out = (jax.ShapeDtypeStruct((rows.shape[0], k), jnp.float32), jax.ShapeDtypeStruct((rows.shape[0], k), jnp.int32))
+    vals, idx = jax.ffi.ffi_call(TOPK_TARGET, out, vmap_method="sequential")(
+        rows, jax.lax.stop_gradient(b), k=int(k), threads=int(os.cpu_count() or 1))
+    return vals.reshape(*lead, k), idx.reshape(*lead, k)

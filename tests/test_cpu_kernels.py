@@ -1,0 +1,108 @@
+"""The C++ CPU kernels (dictlearn/kernels): same answers as XLA's ops, used by the TopK step, clean fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dictlearn.decomposers as D
+from dictlearn.decomposers import sparse_ops
+from dictlearn.kernels import cpu
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels")
+
+
+@pytest.fixture
+def kernels():
+    if not cpu.enabled():
+        pytest.fail("the CPU kernels should build here (a compiler is present); see the warning above")
+
+
+@needs_compiler
+def test_matmul_nt_equals_xla_with_gradients(kernels):
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((300, 77), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((50, 77), dtype=np.float32))
+    np.testing.assert_allclose(cpu.matmul_nt(a, w), a @ w.T, rtol=1e-5, atol=1e-4)
+    loss = lambda mm: lambda a, w: jnp.sum(jnp.sin(mm(a, w)))  # noqa: E731
+    ga = jax.grad(loss(cpu.matmul_nt), argnums=(0, 1))(a, w)
+    gb = jax.grad(loss(lambda a, w: a @ w.T), argnums=(0, 1))(a, w)
+    for p, q in zip(ga, gb):
+        np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-4)
+    # Inside jit too, and the lowered program really calls the kernel.
+    assert cpu.MATMUL_TARGET in jax.jit(cpu.matmul_nt).lower(a, w).as_text()
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape,k", [((257, 1000), 7), ((64, 16384), 32), ((3, 5, 40), 40), ((9, 100), 1)])
+def test_top_k_rows_equals_lax_top_k(kernels, shape, k):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    bias = jnp.asarray(rng.standard_normal(shape[-1], dtype=np.float32))
+    vals, idx = cpu.top_k_rows(x, k, bias)
+    ref_v, ref_i = jax.lax.top_k(x + bias, k)
+    np.testing.assert_array_equal(vals, ref_v)
+    np.testing.assert_array_equal(idx, ref_i)
+    assert idx.dtype == jnp.int32 and vals.shape == (*shape[:-1], k)
+
+
+@needs_compiler
+def test_top_k_rows_ties_and_masked_entries_as_lax(kernels):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.integers(0, 3, (64, 100)).astype(np.float32))  # many exact ties
+    for k in (10, 50):
+        np.testing.assert_array_equal(cpu.top_k_rows(x, k)[1], jax.lax.top_k(x, k)[1])
+    # AuxK masks live latents with -inf; fewer finite entries than k must still give k distinct indices.
+    masked = jnp.where(x > 0, -jnp.inf, x)
+    vals, idx = cpu.top_k_rows(masked, 90)
+    np.testing.assert_array_equal(idx, jax.lax.top_k(masked, 90)[1])
+    assert all(len(set(row)) == 90 for row in np.asarray(idx))
+
+
+@needs_compiler
+def test_topk_step_uses_the_kernels_and_matches_the_xla_step(kernels, monkeypatch):
+    """One TopK training step with and without the kernels: the same selection and nearly the same weights."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((512, 32), dtype=np.float32))
+
+    def one_step():
+        model = D.build("topk", {"d_in": 32, "n_features": 256, "k": 8, "seed": 0})
+        model.init_from_data(x, x)
+        opt = nnx.Optimizer(model, __import__("optax").adam(1e-3), wrt=nnx.Param)
+        (loss, metrics), grads = model.loss_and_grads({"x": x, "y": x})
+        opt.update(model, model.project_grads(grads))
+        model.after_step(metrics)
+        return float(loss), np.asarray(metrics["fired"]), np.asarray(model.W_dec[...]), np.asarray(model.W_enc[...])
+
+    text = jax.jit(lambda x: sparse_ops.top_k(x, 8)).lower(x).as_text()
+    assert cpu.TOPK_TARGET in text
+    with_kernels = one_step()
+    monkeypatch.setenv("DICTLEARN_CPU_KERNELS", "0")
+    assert not cpu.enabled()
+    assert cpu.TOPK_TARGET not in jax.jit(lambda x: sparse_ops.top_k(x, 8)).lower(x).as_text()
+    without = one_step()
+    assert with_kernels[0] == pytest.approx(without[0], rel=1e-5)
+    np.testing.assert_array_equal(with_kernels[1], without[1])
+    np.testing.assert_allclose(with_kernels[2], without[2], atol=1e-5)
+    np.testing.assert_allclose(with_kernels[3], without[3], atol=1e-5)
+
+
+def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setenv("DICTLEARN_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(cpu.KernelBuildError, match="no C\\+\\+ compiler.*no-such-compiler-xyz.*install g\\+\\+ or set CXX"):
+        cpu.build()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written in the cache
+
+
+def test_kernels_stay_off_on_a_mesh_of_several_devices(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda *a: 4)
+    assert not cpu.enabled()
+    x = jnp.ones((4, 8), jnp.float32)
+    assert cpu.top_k_rows(x, 2) is None
+    assert cpu.MATMUL_TARGET not in jax.jit(cpu.matmul_nt).lower(x, x).as_text()
