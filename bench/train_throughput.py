@@ -3,7 +3,8 @@
 One float32 batch (default 4096 rows, k 32) per size; for each size, in rounds so that machine noise
 hits every system alike:
   dictlearn   the full TopK step (loss, gradients, decoder-gradient projection, Adam, renormalisation),
-              jitted with donated state, in this process
+              jitted with donated state, in this process (with the C++ CPU kernels of dictlearn/kernels;
+              --also-xla adds the same step on XLA's ops alone, "dictlearn-xla")
   sparsify    SparseCoder forward / backward / Adam step as its trainer runs it   (peer venv, subprocess)
   sae-lens    TopKTrainingSAE with its defaults, Adam step as its trainer runs it (peer venv, subprocess)
   matmul      the float32 (batch x d) @ (d x n) rate (numpy and JAX here, torch in the peer), giving the
@@ -242,8 +243,18 @@ def bench_size(d: int, n: int, args, venvs: Path, tmp: Path) -> dict:
     for p in set(args.peers) - set(peers):
         print(f"  ! {p}: no venv at {venvs / PEERS[p]}; skipped (see this file's docstring)", file=sys.stderr)
     run = dictlearn_step(x, n, args.k)
+    runs = {"dictlearn": run}
+    if args.also_xla:
+        times["dictlearn-xla"] = []
+        os.environ["DICTLEARN_CPU_KERNELS"] = "0"  # read when the step is traced, at its first call
+        try:
+            runs["dictlearn-xla"] = dictlearn_step(x, n, args.k)
+            runs["dictlearn-xla"]()
+        finally:
+            del os.environ["DICTLEARN_CPU_KERNELS"]
     for r in range(args.rounds):
-        times["dictlearn"] += timed(run, args.steps, args.warmup if r == 0 else 1)
+        for name, fn in runs.items():
+            times[name] += timed(fn, args.steps, args.warmup if r == 0 else 1)
         for p in peers:
             out = run_peer(peer_python(venvs, p), p, data, n, args.k, args.steps, args.warmup)
             times.setdefault(p, []).extend(out["times"])
@@ -263,6 +274,8 @@ def bench_size(d: int, n: int, args, venvs: Path, tmp: Path) -> dict:
     dl = res["systems"]["dictlearn"]
     res["dictlearn_vs_limit"] = dl["tokens_per_s"] / limit
     res["dictlearn_best_vs_limit"] = args.batch / dl["min_s"] / limit  # fastest step against the best matmul
+    if "dictlearn-xla" in res["systems"]:
+        res["kernels_speedup"] = dl["tokens_per_s"] / res["systems"]["dictlearn-xla"]["tokens_per_s"]
     for p in peers:
         res[f"dictlearn_vs_{p}"] = dl["tokens_per_s"] / res["systems"][p]["tokens_per_s"]
         res[f"dictlearn_vs_{p}_best"] = res["systems"][p]["min_s"] / dl["min_s"]
@@ -280,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="sparsify,saelens", help="comma separated; '' for none")
     ap.add_argument("--peer-venvs", default=os.environ.get("DICTLEARN_PEER_VENVS", "/work/peer-venvs"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--also-xla", action="store_true", help="also time dictlearn's step without its CPU kernels")
     ap.add_argument("--profile", help="also trace dictlearn's step into this folder and print its costliest XLA ops")
     ap.add_argument("--worker", choices=sorted(PEERS), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -311,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                 f", {res[f'dictlearn_vs_{p}']:.2f}x {p}" for p in PEERS if f"dictlearn_vs_{p}" in res))
             print(f"  dictlearn (fastest steps) = {res['dictlearn_best_vs_limit']:.0%} of the limit" + "".join(
                 f", {res[f'dictlearn_vs_{p}_best']:.2f}x {p}" for p in PEERS if f"dictlearn_vs_{p}_best" in res))
+            if "kernels_speedup" in res:
+                print(f"  dictlearn's CPU kernels: {res['kernels_speedup']:.2f}x its step on XLA's ops alone (medians)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -65,6 +65,16 @@ def test_top_k_rows_ties_and_masked_entries_as_lax(kernels):
 
 
 @needs_compiler
+def test_row_dots_equals_the_sum_of_products(kernels):
+    rng = np.random.default_rng(4)
+    for shape in [(1000, 77), (16384, 64), (3, 1)]:
+        a = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        b = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+        np.testing.assert_allclose(cpu.row_dots(a, b), jnp.sum(a * b, axis=1), rtol=1e-5, atol=1e-5)
+    assert cpu.ROW_DOTS_TARGET in jax.jit(cpu.row_dots).lower(a, b).as_text()
+
+
+@needs_compiler
 def test_topk_step_uses_the_kernels_and_matches_the_xla_step(kernels, monkeypatch):
     """One TopK training step with and without the kernels: the same selection and nearly the same weights."""
     rng = np.random.default_rng(3)
@@ -106,3 +116,4 @@ def test_kernels_stay_off_on_a_mesh_of_several_devices(monkeypatch):
     x = jnp.ones((4, 8), jnp.float32)
     assert cpu.top_k_rows(x, 2) is None
     assert cpu.MATMUL_TARGET not in jax.jit(cpu.matmul_nt).lower(x, x).as_text()
+    assert cpu.ROW_DOTS_TARGET not in jax.jit(cpu.row_dots).lower(x, x).as_text()

@@ -256,13 +256,13 @@ class SparseCoder(Decomposer):
         # Rows are unit norm here (initialised so, renormalised after every step), so <g, w> w is the
         # parallel part; skipping the division by |w|^2 saves a pass over the decoder.
         w, g = self.W_dec[...], grads["W_dec"][...]
-        grads["W_dec"] = grads["W_dec"].replace(g - jnp.sum(g * w, axis=1, keepdims=True) * w)
+        grads["W_dec"] = grads["W_dec"].replace(g - cpu_kernels.row_dots(g, w)[:, None] * w)
         return grads
 
     def after_step(self, metrics: dict[str, jax.Array]) -> None:
         if self.config.normalize_decoder:
             w = self.W_dec[...]
-            self.W_dec[...] = w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+            self.W_dec[...] = w / jnp.maximum(jnp.sqrt(cpu_kernels.row_dots(w, w)), 1e-12)[:, None]
         self.sparsity.after_step(metrics)
 
     def fold_input_scale(self, scale_in: float, scale_out: float) -> None:

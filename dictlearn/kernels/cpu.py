@@ -1,8 +1,10 @@
-"""CPU kernels for the TopK step through XLA's FFI: OpenBLAS's float32 GEMM and a threaded exact top-k.
+"""CPU kernels for the TopK step through XLA's FFI: OpenBLAS's float32 GEMM, a threaded exact top-k, and
+row dot products.
 
 On the 2-core CPUs we measure on, XLA's own GEMM runs the encoder matmul at 70-80% of OpenBLAS's rate,
-and its TopK custom call takes longer than the whole rest of the selection. `cpu_kernels.cc` holds the
-two replacements; it is compiled on first use with the system C++ compiler against jaxlib's FFI headers
+its TopK custom call takes longer than the whole rest of the selection, and its reduction fusion turns
+the decoder's renormalisation after Adam into passes over materialised constants. `cpu_kernels.cc` holds
+the replacements; it is compiled on first use with the system C++ compiler against jaxlib's FFI headers
 and scipy-openblas32 (a dependency), and cached under ~/.cache/dictlearn/kernels (or
 $DICTLEARN_KERNEL_CACHE), keyed by the source and the jaxlib version.
 
@@ -17,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MATMUL_TARGET = "dictlearn_cpu_matmul_nt"
 TOPK_TARGET = "dictlearn_cpu_top_k"
+ROW_DOTS_TARGET = "dictlearn_cpu_row_dots"
 
 
 class KernelBuildError(RuntimeError):
@@ -49,6 +53,14 @@ def _openblas() -> tuple[str, str, str]:
     return blas.get_include_dir(), blas.get_lib_dir(), blas.get_library()
 
 
+def _cpu_identity() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def build(force: bool = False) -> Path:
     """Compile cpu_kernels.cc into the cache (atomically, so concurrent processes are safe); return the .so."""
     if sys.platform not in ("linux", "darwin"):
@@ -57,16 +69,17 @@ def build(force: bool = False) -> Path:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise KernelBuildError(f"no C++ compiler ({cxx!r} not found; install g++ or set CXX)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.__version__.encode() + libdir.encode() + cxx.encode()).hexdigest()[:16]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-w"]
+    # The CPU is part of the key in case a cache folder is shared between machines.
+    ident = [SOURCE.read_bytes(), jax.__version__, libdir, cxx, " ".join(flags), _cpu_identity()]
+    key = hashlib.sha256(repr(ident).encode()).hexdigest()[:16]
     out = cache_dir() / f"cpu_kernels-{key}.so"
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd", "-w",
-               f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), f"-L{libdir}", f"-l{libname}",
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), f"-L{libdir}", f"-l{libname}",
                f"-Wl,-rpath,{libdir}", "-o", str(tmp_so)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -85,6 +98,7 @@ def _load() -> bool:
         lib = ctypes.CDLL(str(build()))
         jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.DictlearnMatmulNT), platform="cpu")
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.DictlearnTopK), platform="cpu")
+        jax.ffi.register_ffi_target(ROW_DOTS_TARGET, jax.ffi.pycapsule(lib.DictlearnRowDots), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as e:
         warnings.warn(f"dictlearn's CPU kernels are unavailable, using XLA's ops (slower): {e}", stacklevel=3)
         return False
@@ -150,3 +164,16 @@ def top_k_rows(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax
     vals, idx = jax.ffi.ffi_call(TOPK_TARGET, out, vmap_method="sequential")(
         rows, jax.lax.stop_gradient(b), k=int(k), threads=int(os.cpu_count() or 1))
     return vals.reshape(*lead, k), idx.reshape(*lead, k)
+
+
+# ---- row dot products ----------------------------------------------------------------------------------
+
+
+def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
+    """sum(a * b, axis=1) for two float32 (n, d) arrays, without gradient (the decoder's norms and
+    projections, computed outside autodiff)."""
+    if a.ndim != 2 or a.shape != b.shape or a.dtype != jnp.float32 or b.dtype != jnp.float32 or not enabled():
+        return jnp.sum(a * b, axis=1)
+    out = jax.ShapeDtypeStruct((a.shape[0],), jnp.float32)
+    return jax.ffi.ffi_call(ROW_DOTS_TARGET, out, vmap_method="sequential")(
+        jax.lax.stop_gradient(a), jax.lax.stop_gradient(b), threads=int(os.cpu_count() or 1))

@@ -7,6 +7,10 @@
 //   DictlearnTopK      exact top-k of each row of x + bias, sorted by decreasing value (ties: lower index
 //                      first, as lax.top_k), rows split across threads. One streaming pass that skips
 //                      16-wide blocks whose maximum cannot enter the row's current top k.
+//   DictlearnRowDots   out[i] = <a[i], b[i]> for (n, d) arrays: the decoder's row norms and the gradient's
+//                      parallel parts. As a custom call it keeps XLA's CPU reduction fusion from pulling
+//                      the Adam update into the reduction, where it materialises every scalar constant
+//                      as a full (n, d) array.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -129,3 +133,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnTopK, TopK,
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+static ffi::Error RowDots(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, int64_t threads,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  auto ad = a.dimensions();
+  auto bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || ad[0] != bd[0] || ad[1] != bd[1]) {
+    return ffi::Error::InvalidArgument("cpu_kernels row_dots: expected two (n, d) arrays of one shape");
+  }
+  const int64_t rows = ad[0], d = ad[1];
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  float* op = out->typed_data();
+  auto work = [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* x = ap + r * d;
+      const float* y = bp + r * d;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < d; ++j) acc += x[j] * y[j];
+      op[r] = acc;
+    }
+  };
+  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows * d / (1 << 18)));
+  std::vector<std::thread> pool;
+  const int64_t per = (rows + t - 1) / t;
+  for (int64_t w = 1; w < t; ++w) pool.emplace_back(work, std::min(rows, w * per), std::min(rows, (w + 1) * per));
+  work(0, std::min(rows, per));
+  for (auto& th : pool) th.join();
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnRowDots, RowDots,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
