@@ -75,6 +75,34 @@ def test_row_dots_equals_the_sum_of_products(kernels):
 
 
 @needs_compiler
+def test_scatter_rows_equals_xla_scatter_add(kernels):
+    rng = np.random.default_rng(5)
+    for batch, k, d, n in [(512, 8, 33, 100), (64, 32, 768, 16384), (7, 3, 5, 4)]:
+        w = jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32))
+        idx = jnp.asarray(np.stack([rng.choice(n, k, replace=False) for _ in range(batch)]).astype(np.int32))
+        rows = jnp.asarray(rng.standard_normal((batch, d), dtype=np.float32))
+        ref = jnp.zeros((n, d)).at[idx.reshape(-1)].add((w[:, :, None] * rows[:, None, :]).reshape(-1, d))
+        np.testing.assert_allclose(cpu.scatter_rows(w, idx, rows, n), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sparse_ops.scatter_rows(w, idx, rows, n), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(cpu.scatter_rows(w, idx.at[0, 0].set(n), rows, n))
+
+
+@needs_compiler
+def test_gather_dots_equals_xla_gather(kernels):
+    rng = np.random.default_rng(6)
+    for batch, k, d, n in [(512, 8, 33, 100), (64, 32, 768, 16384), (7, 3, 5, 4)]:
+        idx = jnp.asarray(np.stack([rng.choice(n, k, replace=False) for _ in range(batch)]).astype(np.int32))
+        rows = jnp.asarray(rng.standard_normal((batch, d), dtype=np.float32))
+        table = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
+        ref = jnp.einsum("bd,bkd->bk", rows, table[idx])
+        np.testing.assert_allclose(cpu.gather_dots(rows, idx, table), ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(sparse_ops.gather_dot(rows, idx, table), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(cpu.gather_dots(rows, idx.at[0, 0].set(-1), table))
+
+
+@needs_compiler
 def test_topk_step_uses_the_kernels_and_matches_the_xla_step(kernels, monkeypatch):
     """One TopK training step with and without the kernels: the same selection and nearly the same weights."""
     rng = np.random.default_rng(3)
@@ -117,3 +145,5 @@ def test_kernels_stay_off_on_a_mesh_of_several_devices(monkeypatch):
     assert cpu.top_k_rows(x, 2) is None
     assert cpu.MATMUL_TARGET not in jax.jit(cpu.matmul_nt).lower(x, x).as_text()
     assert cpu.ROW_DOTS_TARGET not in jax.jit(cpu.row_dots).lower(x, x).as_text()
+    assert cpu.scatter_rows(x, jnp.zeros((4, 8), jnp.int32), x, 3) is None
+    assert cpu.gather_dots(x, jnp.zeros((4, 2), jnp.int32), x) is None

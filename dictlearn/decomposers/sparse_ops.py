@@ -139,6 +139,9 @@ def gather_combine(weights: jax.Array, indices: jax.Array, table: jax.Array) -> 
 
 def gather_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
     """out[b, j] = <rows[b], table[indices[b, j]]>   ->  (B, k), as batched dots over token chunks."""
+    fast = cpu_kernels.gather_dots(rows, indices, table)  # a single CPU device: bucketed C++ kernel
+    if fast is not None:
+        return fast
     return _over_chunks(lambda r, i: jnp.einsum("bd,bkd->bk", r, _take_rows(table, i)), rows, indices,
                         width=indices.shape[1] * table.shape[1])
 
@@ -148,6 +151,9 @@ def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int
 
     The transpose of `gather_combine`. Scans over token chunks so each scatter moves a
     (chunk * k, d) block."""
+    fast = cpu_kernels.scatter_rows(weights, indices, rows, n)  # a single CPU device: bucketed C++ scatter
+    if fast is not None:
+        return fast
     batch, k = weights.shape
     d = rows.shape[1]
     c = _chunks(batch)

@@ -1,9 +1,10 @@
-"""CPU kernels for the TopK step through XLA's FFI: OpenBLAS's float32 GEMM, a threaded exact top-k, and
-row dot products.
+"""CPU kernels for the TopK step through XLA's FFI: OpenBLAS's float32 GEMM, a threaded exact top-k, a
+bucketed row scatter-add and gathered dot products, and row dot products.
 
 On the 2-core CPUs we measure on, XLA's own GEMM runs the encoder matmul at 70-80% of OpenBLAS's rate,
-its TopK custom call takes longer than the whole rest of the selection, and its reduction fusion turns
-the decoder's renormalisation after Adam into passes over materialised constants. `cpu_kernels.cc` holds
+its TopK custom call takes longer than the whole rest of the selection, its scatter-add reads and writes
+a whole table row per entry, and its reduction fusion turns the decoder's renormalisation after Adam
+into passes over materialised constants. `cpu_kernels.cc` holds
 the replacements; it is compiled on first use with the system C++ compiler against jaxlib's FFI headers
 and scipy-openblas32 (a dependency), and cached under ~/.cache/dictlearn/kernels (or
 $DICTLEARN_KERNEL_CACHE), keyed by the source and the jaxlib version.
@@ -34,6 +35,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MATMUL_TARGET = "dictlearn_cpu_matmul_nt"
 TOPK_TARGET = "dictlearn_cpu_top_k"
 ROW_DOTS_TARGET = "dictlearn_cpu_row_dots"
+SCATTER_ROWS_TARGET = "dictlearn_cpu_scatter_rows"
+GATHER_DOTS_TARGET = "dictlearn_cpu_gather_dots"
 
 
 class KernelBuildError(RuntimeError):
@@ -99,6 +102,8 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.DictlearnMatmulNT), platform="cpu")
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.DictlearnTopK), platform="cpu")
         jax.ffi.register_ffi_target(ROW_DOTS_TARGET, jax.ffi.pycapsule(lib.DictlearnRowDots), platform="cpu")
+        jax.ffi.register_ffi_target(SCATTER_ROWS_TARGET, jax.ffi.pycapsule(lib.DictlearnScatterRows), platform="cpu")
+        jax.ffi.register_ffi_target(GATHER_DOTS_TARGET, jax.ffi.pycapsule(lib.DictlearnGatherDots), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as e:
         warnings.warn(f"dictlearn's CPU kernels are unavailable, using XLA's ops (slower): {e}", stacklevel=3)
         return False
@@ -177,3 +182,32 @@ def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((a.shape[0],), jnp.float32)
     return jax.ffi.ffi_call(ROW_DOTS_TARGET, out, vmap_method="sequential")(
         jax.lax.stop_gradient(a), jax.lax.stop_gradient(b), threads=int(os.cpu_count() or 1))
+
+
+# ---- scatter-add of scaled rows -----------------------------------------------------------------------
+
+
+def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array | None:
+    """out[i] = sum over (b, j) with indices[b, j] == i of weights[b, j] * rows[b]  ->  (n, d), no gradient.
+    None where the kernel does not apply (the caller uses XLA's scatter). Indices must lie in [0, n)."""
+    if (weights.ndim != 2 or indices.shape != weights.shape or rows.ndim != 2 or rows.shape[0] != weights.shape[0]
+            or weights.dtype != jnp.float32 or rows.dtype != jnp.float32 or not enabled()):
+        return None
+    out = jax.ShapeDtypeStruct((n, rows.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(SCATTER_ROWS_TARGET, out, vmap_method="sequential")(
+        weights, indices.astype(jnp.int32), rows, threads=int(os.cpu_count() or 1))
+
+
+# ---- dot products with gathered rows ------------------------------------------------------------------
+
+
+def gather_dots(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array | None:
+    """out[b, j] = <rows[b], table[indices[b, j]]>  ->  (B, k), no gradient. None where the kernel does not
+    apply (the caller uses XLA's gather). Indices must lie in [0, n)."""
+    if (rows.ndim != 2 or indices.ndim != 2 or indices.shape[0] != rows.shape[0] or table.ndim != 2
+            or table.shape[1] != rows.shape[1] or rows.dtype != jnp.float32 or table.dtype != jnp.float32
+            or not enabled()):
+        return None
+    out = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
+    return jax.ffi.ffi_call(GATHER_DOTS_TARGET, out, vmap_method="sequential")(
+        rows, indices.astype(jnp.int32), table, threads=int(os.cpu_count() or 1))

@@ -7,6 +7,12 @@
 //   DictlearnTopK      exact top-k of each row of x + bias, sorted by decreasing value (ties: lower index
 //                      first, as lax.top_k), rows split across threads. One streaming pass that skips
 //                      16-wide blocks whose maximum cannot enter the row's current top k.
+//   DictlearnScatterRows  out[i] = sum of w[b, j] * rows[b] over the (b, j) with idx[b, j] == i: the TopK
+//                      step's encoder and decoder gradients. The entries are bucketed by latent first
+//                      (a counting sort), so each output row is built in cache and written once, instead
+//                      of a read-modify-write of a whole row per entry.
+//   DictlearnGatherDots out[b, j] = <rows[b], table[idx[b, j]]>: the decoder's backward to the code values.
+//                      Bucketed the same way, so each table row is read once.
 //   DictlearnRowDots   out[i] = <a[i], b[i]> for (n, d) arrays: the decoder's row norms and the gradient's
 //                      parallel parts. As a custom call it keeps XLA's CPU reduction fusion from pulling
 //                      the Adam update into the reduction, where it materialises every scalar constant
@@ -65,6 +71,25 @@ inline bool HeapLess(const Slot& a, const Slot& b) { return Worse(b, a); }
 
 constexpr int64_t kBlock = 16;
 
+inline float Dot(const float* x, const float* y, int64_t d) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < d; ++j) acc += x[j] * y[j];
+  return acc;
+}
+
+// work(lo, hi) over [0, rows) split into `threads` contiguous ranges (at least 1), the caller's thread
+// taking the first.
+template <typename F>
+void ParallelRows(int64_t rows, int64_t threads, F work) {
+  const int64_t t = std::max<int64_t>(1, threads);
+  const int64_t per = (rows + t - 1) / t;
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < t; ++w) pool.emplace_back(work, std::min(rows, w * per), std::min(rows, (w + 1) * per));
+  work(0, std::min(rows, per));
+  for (auto& th : pool) th.join();
+}
+
 void TopKRow(const float* x, const float* bias, int64_t n, int64_t k, float* vals, int32_t* idx, Slot* heap) {
   for (int64_t j = 0; j < k; ++j) heap[j] = Slot{x[j] + bias[j], static_cast<int32_t>(j)};
   std::make_heap(heap, heap + k, HeapLess);
@@ -108,20 +133,10 @@ static ffi::Error TopK(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias, int6
   const float* bp = bias.typed_data();
   float* vp = vals->typed_data();
   int32_t* ip = idx->typed_data();
-  auto work = [&](int64_t lo, int64_t hi) {
+  ParallelRows(rows, std::min<int64_t>(threads, rows / 16), [&](int64_t lo, int64_t hi) {
     std::vector<Slot> heap(k);
     for (int64_t r = lo; r < hi; ++r) TopKRow(xp + r * n, bp, n, k, vp + r * k, ip + r * k, heap.data());
-  };
-  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 16));
-  if (t == 1) {
-    work(0, rows);
-    return ffi::Error::Success();
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (rows + t - 1) / t;
-  for (int64_t w = 1; w < t; ++w) pool.emplace_back(work, std::min(rows, w * per), std::min(rows, (w + 1) * per));
-  work(0, std::min(rows, per));
-  for (auto& th : pool) th.join();
+  });
   return ffi::Error::Success();
 }
 
@@ -145,22 +160,11 @@ static ffi::Error RowDots(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, int6
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();
   float* op = out->typed_data();
-  auto work = [&](int64_t lo, int64_t hi) {
+  ParallelRows(rows, std::min<int64_t>(threads, rows * d / (1 << 18)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const float* x = ap + r * d;
-      const float* y = bp + r * d;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < d; ++j) acc += x[j] * y[j];
-      op[r] = acc;
+      op[r] = Dot(ap + r * d, bp + r * d, d);
     }
-  };
-  int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, rows * d / (1 << 18)));
-  std::vector<std::thread> pool;
-  const int64_t per = (rows + t - 1) / t;
-  for (int64_t w = 1; w < t; ++w) pool.emplace_back(work, std::min(rows, w * per), std::min(rows, (w + 1) * per));
-  work(0, std::min(rows, per));
-  for (auto& th : pool) th.join();
+  });
   return ffi::Error::Success();
 }
 
@@ -170,3 +174,97 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnRowDots, RowDots,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The signature of the bucketed kernels: (f32 (B, k) or (B, d), s32 indices, f32 table or rows, threads) -> f32.
+static auto BindIndexed() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("threads")
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+// Counting sort of entries 0..m-1 by idx[e]: the entries of index i are order[start[i] .. start[i + 1]).
+// False if an index lies outside [0, n).
+static bool BucketByIndex(const int32_t* idx, int64_t m, int64_t n, std::vector<int64_t>& start,
+                          std::vector<int64_t>& order) {
+  start.assign(n + 1, 0);
+  for (int64_t e = 0; e < m; ++e) {
+    if (idx[e] < 0 || idx[e] >= n) return false;
+    ++start[idx[e] + 1];
+  }
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  order.resize(m);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t e = 0; e < m; ++e) order[fill[idx[e]]++] = e;
+  return true;
+}
+
+static ffi::Error ScatterRows(ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> rows,
+                              int64_t threads, ffi::ResultBuffer<ffi::F32> out) {
+  auto wd = weights.dimensions();
+  auto id = indices.dimensions();
+  auto rd = rows.dimensions();
+  auto od = out->dimensions();
+  if (wd.size() != 2 || id.size() != 2 || rd.size() != 2 || od.size() != 2 || wd[0] != id[0] || wd[1] != id[1] ||
+      rd[0] != wd[0] || rd[1] != od[1]) {
+    return ffi::Error::InvalidArgument("cpu_kernels scatter_rows: expected weights and indices (B, k), rows (B, d), out (n, d)");
+  }
+  const int64_t batch = wd[0], k = wd[1], d = rd[1], n = od[0];
+  const float* wp = weights.typed_data();
+  const int32_t* ip = indices.typed_data();
+  const float* rp = rows.typed_data();
+  float* op = out->typed_data();
+  std::vector<int64_t> start, order;
+  if (!BucketByIndex(ip, batch * k, n, start, order)) {
+    return ffi::Error::InvalidArgument("cpu_kernels scatter_rows: an index is outside [0, n)");
+  }
+  ParallelRows(n, std::min<int64_t>(threads, n * d / (1 << 16)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      float* o = op + i * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
+        const int64_t e = order[s];
+        const float w = wp[e];
+        const float* r = rp + (e / k) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) o[j] += w * r[j];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnScatterRows, ScatterRows, BindIndexed());
+
+static ffi::Error GatherDots(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> table,
+                             int64_t threads, ffi::ResultBuffer<ffi::F32> out) {
+  auto rd = rows.dimensions();
+  auto id = indices.dimensions();
+  auto td = table.dimensions();
+  if (rd.size() != 2 || id.size() != 2 || td.size() != 2 || id[0] != rd[0] || td[1] != rd[1]) {
+    return ffi::Error::InvalidArgument("cpu_kernels gather_dots: expected rows (B, d), indices (B, k), table (n, d)");
+  }
+  const int64_t k = id[1], d = rd[1], n = td[0];
+  const float* rp = rows.typed_data();
+  const int32_t* ip = indices.typed_data();
+  const float* tp = table.typed_data();
+  float* op = out->typed_data();
+  std::vector<int64_t> start, order;
+  if (!BucketByIndex(ip, id[0] * k, n, start, order)) {
+    return ffi::Error::InvalidArgument("cpu_kernels gather_dots: an index is outside [0, n)");
+  }
+  ParallelRows(n, std::min<int64_t>(threads, n * d / (1 << 16)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float* t = tp + i * d;
+      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
+        const int64_t e = order[s];
+        op[e] = Dot(rp + (e / k) * d, t, d);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnGatherDots, GatherDots, BindIndexed());
