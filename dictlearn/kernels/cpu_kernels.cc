@@ -95,10 +95,17 @@ void TopKRow(const float* x, const float* bias, int64_t n, int64_t k, float* val
   std::make_heap(heap, heap + k, HeapLess);
   auto offer = [&](int64_t j) {
     const Slot s{x[j] + bias[j], static_cast<int32_t>(j)};
-    if (Worse(heap[0], s)) {
-      std::pop_heap(heap, heap + k, HeapLess);
-      heap[k - 1] = s;
-      std::push_heap(heap, heap + k, HeapLess);
+    if (Worse(heap[0], s)) {  // replace the worst kept slot and sift it down (one pass, not pop + push)
+      int64_t p = 0;
+      for (;;) {
+        int64_t c = 2 * p + 1;
+        if (c >= k) break;
+        if (c + 1 < k && Worse(heap[c + 1], heap[c])) ++c;
+        if (!Worse(heap[c], s)) break;
+        heap[p] = heap[c];
+        p = c;
+      }
+      heap[p] = s;
     }
   };
   int64_t j = k;
