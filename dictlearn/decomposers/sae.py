@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dictlearn.decomposers.base import Decomposer, DecomposerConfig
-from dictlearn.kernels import cpu as cpu_kernels
 from dictlearn.decomposers.sparse_ops import SparseCodes, densify, fired_mask, gather_decode, gather_encode
+from dictlearn.kernels import cpu as cpu_kernels
 
 Codes = SparseCodes | jax.Array  # fixed-slot sparse codes, or dense (B, n_features)
 

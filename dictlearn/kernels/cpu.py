@@ -4,10 +4,10 @@ bucketed row scatter-add and gathered dot products, and row dot products.
 On the 2-core CPUs we measure on, XLA's own GEMM runs the encoder matmul at 70-80% of OpenBLAS's rate,
 its TopK custom call takes longer than the whole rest of the selection, its scatter-add reads and writes
 a whole table row per entry, and its reduction fusion turns the decoder's renormalisation after Adam
-into passes over materialised constants. `cpu_kernels.cc` holds
-the replacements; it is compiled on first use with the system C++ compiler against jaxlib's FFI headers
-and scipy-openblas32 (a dependency), and cached under ~/.cache/dictlearn/kernels (or
-$DICTLEARN_KERNEL_CACHE), keyed by the source and the jaxlib version.
+into passes over materialised constants. `cpu_kernels.cc` holds the replacements; it is compiled on first
+use with the system C++ compiler against jaxlib's FFI headers and scipy-openblas32 (a dependency), and
+cached under ~/.cache/dictlearn/kernels (or $DICTLEARN_KERNEL_CACHE), keyed by the source, the compiler
+and its flags, jax, the BLAS and the CPU.
 
 They run only on a single CPU device. On GPU or TPU, on a mesh of several devices (whose shardings an
 opaque custom call would break), with DICTLEARN_CPU_KERNELS=0, or when the build fails (a warning
@@ -37,6 +37,8 @@ TOPK_TARGET = "dictlearn_cpu_top_k"
 ROW_DOTS_TARGET = "dictlearn_cpu_row_dots"
 SCATTER_ROWS_TARGET = "dictlearn_cpu_scatter_rows"
 GATHER_DOTS_TARGET = "dictlearn_cpu_gather_dots"
+HANDLERS = {MATMUL_TARGET: "DictlearnMatmulNT", TOPK_TARGET: "DictlearnTopK", ROW_DOTS_TARGET: "DictlearnRowDots",
+            SCATTER_ROWS_TARGET: "DictlearnScatterRows", GATHER_DOTS_TARGET: "DictlearnGatherDots"}  # XLA name -> C symbol
 
 
 class KernelBuildError(RuntimeError):
@@ -99,11 +101,8 @@ def _load() -> bool:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         lib = ctypes.CDLL(str(build()))
-        jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.DictlearnMatmulNT), platform="cpu")
-        jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.DictlearnTopK), platform="cpu")
-        jax.ffi.register_ffi_target(ROW_DOTS_TARGET, jax.ffi.pycapsule(lib.DictlearnRowDots), platform="cpu")
-        jax.ffi.register_ffi_target(SCATTER_ROWS_TARGET, jax.ffi.pycapsule(lib.DictlearnScatterRows), platform="cpu")
-        jax.ffi.register_ffi_target(GATHER_DOTS_TARGET, jax.ffi.pycapsule(lib.DictlearnGatherDots), platform="cpu")
+        for target, symbol in HANDLERS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as e:
         warnings.warn(f"dictlearn's CPU kernels are unavailable, using XLA's ops (slower): {e}", stacklevel=3)
         return False
@@ -119,21 +118,20 @@ def enabled() -> bool:
     return _load()
 
 
+def _call(target: str, out, *args: jax.Array, threaded: bool = True, **attrs: int):
+    """One kernel call on constant inputs (the kernels have no derivative rules of their own); the threaded
+    ones split their rows over this machine's cores."""
+    if threaded:
+        attrs["threads"] = os.cpu_count() or 1
+    args = tuple(jax.lax.stop_gradient(a) for a in args)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **{k: int(v) for k, v in attrs.items()})
+
+
 # ---- a @ w.T ---------------------------------------------------------------------------------------
 
 
 def _matmul_nt_call(a: jax.Array, w: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((a.shape[0], w.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(MATMUL_TARGET, out, vmap_method="sequential")(a, w)
-
-
-@jax.custom_vjp
-def _matmul_nt(a: jax.Array, w: jax.Array) -> jax.Array:
-    return _matmul_nt_call(a, w)
-
-
-def _matmul_nt_fwd(a, w):
-    return _matmul_nt_call(a, w), (a, w)
+    return _call(MATMUL_TARGET, jax.ShapeDtypeStruct((a.shape[0], w.shape[0]), jnp.float32), a, w, threaded=False)
 
 
 def _matmul_nt_bwd(res, g):
@@ -141,7 +139,8 @@ def _matmul_nt_bwd(res, g):
     return g @ w, g.T @ a
 
 
-_matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
+_matmul_nt = jax.custom_vjp(_matmul_nt_call)
+_matmul_nt.defvjp(lambda a, w: (_matmul_nt_call(a, w), (a, w)), _matmul_nt_bwd)
 
 
 def matmul_nt(a: jax.Array, w: jax.Array) -> jax.Array:
@@ -164,10 +163,9 @@ def top_k_rows(x: jax.Array, k: int, bias: jax.Array | None = None) -> tuple[jax
     n = x.shape[-1]
     lead = x.shape[:-1]
     b = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
-    rows = jax.lax.stop_gradient(x).reshape(-1, n)
+    rows = x.reshape(-1, n)
     out = (jax.ShapeDtypeStruct((rows.shape[0], k), jnp.float32), jax.ShapeDtypeStruct((rows.shape[0], k), jnp.int32))
-    vals, idx = jax.ffi.ffi_call(TOPK_TARGET, out, vmap_method="sequential")(
-        rows, jax.lax.stop_gradient(b), k=int(k), threads=int(os.cpu_count() or 1))
+    vals, idx = _call(TOPK_TARGET, out, rows, b, k=k)
     return vals.reshape(*lead, k), idx.reshape(*lead, k)
 
 
@@ -179,9 +177,7 @@ def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
     projections, computed outside autodiff)."""
     if a.ndim != 2 or a.shape != b.shape or a.dtype != jnp.float32 or b.dtype != jnp.float32 or not enabled():
         return jnp.sum(a * b, axis=1)
-    out = jax.ShapeDtypeStruct((a.shape[0],), jnp.float32)
-    return jax.ffi.ffi_call(ROW_DOTS_TARGET, out, vmap_method="sequential")(
-        jax.lax.stop_gradient(a), jax.lax.stop_gradient(b), threads=int(os.cpu_count() or 1))
+    return _call(ROW_DOTS_TARGET, jax.ShapeDtypeStruct((a.shape[0],), jnp.float32), a, b)
 
 
 # ---- scatter-add of scaled rows -----------------------------------------------------------------------
@@ -194,8 +190,7 @@ def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int
             or weights.dtype != jnp.float32 or rows.dtype != jnp.float32 or not enabled()):
         return None
     out = jax.ShapeDtypeStruct((n, rows.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(SCATTER_ROWS_TARGET, out, vmap_method="sequential")(
-        weights, indices.astype(jnp.int32), rows, threads=int(os.cpu_count() or 1))
+    return _call(SCATTER_ROWS_TARGET, out, weights, indices.astype(jnp.int32), rows)
 
 
 # ---- dot products with gathered rows ------------------------------------------------------------------
@@ -208,6 +203,5 @@ def gather_dots(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Ar
             or table.shape[1] != rows.shape[1] or rows.dtype != jnp.float32 or table.dtype != jnp.float32
             or not enabled()):
         return None
-    out = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
-    return jax.ffi.ffi_call(GATHER_DOTS_TARGET, out, vmap_method="sequential")(
-        rows, indices.astype(jnp.int32), table, threads=int(os.cpu_count() or 1))
+    return _call(GATHER_DOTS_TARGET, jax.ShapeDtypeStruct(indices.shape, jnp.float32), rows, indices.astype(jnp.int32),
+                 table)

@@ -22,7 +22,6 @@
 #include <cmath>
 #include <cstdint>
 #include <thread>
-#include <utility>
 #include <vector>
 
 #include "cblas.h"
