@@ -105,7 +105,7 @@ def main() -> int:
     import jax.numpy as jnp
 
     from dictlearn.decomposers import snmf_solver as solver
-    from trainers import snmf as trainer
+    from dictlearn.trainers import snmf as trainer
 
     x = load_rows(args.data, args.key, args.rows)
     n, d = x.shape
@@ -175,7 +175,7 @@ def main() -> int:
     import tempfile
 
     from dictlearn.decomposers import base as dbase
-    from trainers.data import ArraySource
+    from dictlearn.trainers.data import ArraySource
 
     cfg = trainer.SNMFTrainConfig(name="bench", hookpoint_in=args.key, n_features=args.k, solver="streaming",
                                   progress=False)

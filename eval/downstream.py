@@ -37,7 +37,7 @@ import torch
 from flax import nnx
 
 from dictlearn.activations import hookpoints as hpmod
-from eval.reconstruction import reconstruct
+from dictlearn.eval.reconstruction import reconstruct
 
 RESUME_TOLERANCE = 1e-3  # max |logit difference| between resumed and full forward to trust resuming
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")

@@ -2,7 +2,7 @@
 
 Entry point (called by eval/suite.py)::
 
-    from eval.steering import SteeringConfig, evaluate_steering
+    from dictlearn.eval.steering import SteeringConfig, evaluate_steering
     result = evaluate_steering(model, tokenizer, decomposers, cache, cfg)
 
 Inputs
@@ -73,7 +73,7 @@ from scipy import stats
 
 from dictlearn.activations.hookpoints import Hookpoint, intervene, n_layers, resolve
 from dictlearn.steering.calibrate import Calibration, KLCalibrator, add_vector, unit
-from eval.judges import (
+from dictlearn.eval.judges import (
     TOPICS,
     ConceptJudge,
     FluencyReference,

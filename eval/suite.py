@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from dictlearn.activations.cache import ActivationCache, to_float32
-from eval.report import json_safe
+from dictlearn.eval.report import json_safe
 
 RECORDS = "records"
 
@@ -226,7 +226,7 @@ def evaluate_run(root: Path, cfg: EvalConfig, force: bool = False, log: Callable
             rec = (steering or {}).get("records", {}).get(n)
             records[n]["steering"] = rec.get("summary") if rec else None
 
-    from eval.report import write_report
+    from dictlearn.eval.report import write_report
 
     meta = {"cache": str(cache.path), "model": cache.model_name, "n_eval_rows": cfg.n_eval_rows,
             "eval_config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - t_start}
@@ -252,7 +252,7 @@ def _load_model(cache: ActivationCache, cfg: EvalConfig, model_config: Any = Non
 
 
 def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
-    from eval.reconstruction import ReconstructionAccumulator, make_batch_stats_fn, mean_of
+    from dictlearn.eval.reconstruction import ReconstructionAccumulator, make_batch_stats_fn, mean_of
 
     outs = sorted({d.config.hookpoint_out for d in todo.values()})
     keys = sorted({h for d in todo.values() for h in (d.config.hookpoint_in, d.config.hookpoint_out)})
@@ -292,7 +292,7 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def _downstream(loaded, cache, todo, cfg, log, progress) -> tuple[dict[str, dict], float]:
-    from eval.downstream import evaluate_downstream
+    from dictlearn.eval.downstream import evaluate_downstream
 
     seqs = downstream_sequences(cache, cfg.n_downstream_sequences, cfg.downstream_context)
     excluded = cache.manifest.get("excluded_token_ids", [])
@@ -311,7 +311,7 @@ def _downstream(loaded, cache, todo, cfg, log, progress) -> tuple[dict[str, dict
 
 def _cards(loaded, cache, name, d, recon, cfg, folder: Path) -> None:
     from dictlearn.activations import hookpoints as hpmod
-    from eval.feature_cards import build_cards, select_features, vocab_projection, write_cards
+    from dictlearn.eval.feature_cards import build_cards, select_features, vocab_projection, write_cards
 
     acc = recon["acc"][name]
     stats = acc.feature_stats()
@@ -332,14 +332,14 @@ def _steering_config(cfg: EvalConfig):
     if cfg.steering is None:
         return None
     from dictlearn.config import from_dict
-    from eval.steering import SteeringConfig
+    from dictlearn.eval.steering import SteeringConfig
 
     return from_dict(SteeringConfig, cfg.steering, where="[eval.steering]")
 
 
 def _steering(out, cache, decomposers, fingerprints, steering_cfg, cfg, loaded, model_config, log) -> dict | None:
     """Run eval.steering over every decomposer (reused while no decomposer and no option changed)."""
-    from eval.steering import evaluate_steering
+    from dictlearn.eval.steering import evaluate_steering
 
     path = out / "steering.json"
     key = hashlib.sha256(json.dumps([fingerprints, dataclasses.asdict(steering_cfg)], sort_keys=True).encode()).hexdigest()[:16]

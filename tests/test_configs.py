@@ -21,10 +21,10 @@ from dictlearn.cli.common import read_run_config
 from dictlearn.cli.train import build_spec
 from dictlearn.config import from_dict
 from dictlearn.export import ExportConfig
-from eval.suite import EvalConfig
-from trainers.logging import WandbConfig
-from trainers.sgd import TrainConfig
-from trainers.snmf import parse_table
+from dictlearn.eval.suite import EvalConfig
+from dictlearn.trainers.logging import WandbConfig
+from dictlearn.trainers.sgd import TrainConfig
+from dictlearn.trainers.snmf import parse_table
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 

@@ -10,7 +10,7 @@ import torch
 
 from _eval_decomposers import AllZero, SplitIdentity
 from dictlearn.decomposers.base import Decomposer, DecomposerConfig
-from eval.downstream import DownstreamError, ResumedForward, evaluate_downstream
+from dictlearn.eval.downstream import DownstreamError, ResumedForward, evaluate_downstream
 
 TEXTS = [
     "The committee met on Tuesday to discuss the new budget for the city's public schools and libraries.",

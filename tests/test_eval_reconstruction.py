@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from _eval_decomposers import AllZero, LinearReLU, SplitIdentity
-from eval.reconstruction import FREQ_BIN_EDGES, ReconstructionAccumulator, evaluate_reconstruction, mean_of
+from dictlearn.eval.reconstruction import FREQ_BIN_EDGES, ReconstructionAccumulator, evaluate_reconstruction, mean_of
 
 
 def batches(x, y, size):

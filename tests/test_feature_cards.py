@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dictlearn.activations import hookpoints as hp
-from eval.feature_cards import build_cards, residual_directions, select_features, vocab_projection, write_cards
+from dictlearn.eval.feature_cards import build_cards, residual_directions, select_features, vocab_projection, write_cards
 
 
 class FakeTokenizer:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from eval.judges import (
+from dictlearn.eval.judges import (
     ConceptJudge,
     FluencyReference,
     LinearProbe,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from _eval_decomposers import SavedLinear, registered_saved_linear
-from eval.report import check_same_keys, markdown, pareto_front, write_report
-from eval.suite import downstream_sequences
+from dictlearn.eval.report import check_same_keys, markdown, pareto_front, write_report
+from dictlearn.eval.suite import downstream_sequences
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

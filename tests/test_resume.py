@@ -49,7 +49,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
     from dictlearn.cli import main
-    from trainers.logging import read_log
+    from dictlearn.trainers.logging import read_log
 
     cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=2048)})
     config_a, out_a = _config(tmp_path, "straight", cache)
@@ -100,8 +100,8 @@ def test_checkpoint_round_trip_keeps_rng_keys_and_counters(tmp_path):
     import optax
     from flax import nnx
 
-    from trainers import sharding
-    from trainers.checkpoint import Checkpointer, common_step
+    from dictlearn.trainers import sharding
+    from dictlearn.trainers.checkpoint import Checkpointer, common_step
 
     class WithRng(nnx.Module):
         def __init__(self, seed: int):

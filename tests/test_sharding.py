@@ -26,10 +26,10 @@ sys.path.insert(0, {str(TESTS)!r})
 import jax
 from jax.sharding import PartitionSpec as P
 import test_trainer as T
-from trainers import sharding
-from trainers.data import ArraySource
-from trainers.logging import WandbConfig
-from trainers.sgd import train
+from dictlearn.trainers import sharding
+from dictlearn.trainers.data import ArraySource
+from dictlearn.trainers.logging import WandbConfig
+from dictlearn.trainers.sgd import train
 
 out = Path(sys.argv[1])
 assert len(jax.devices()) == 4, jax.devices()

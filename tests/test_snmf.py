@@ -12,7 +12,7 @@ import pytest
 from dictlearn.decomposers import base
 from dictlearn.decomposers import snmf_solver as solver
 from dictlearn.decomposers.snmf import SemiNMF, SNMFConfig
-from trainers import snmf as snmf_trainer
+from dictlearn.trainers import snmf as snmf_trainer
 
 
 def planted(seed: int, n: int = 3000, d: int = 64, k: int = 8, nnz: int = 4, active: int = 2, noise: float = 0.0):
@@ -206,7 +206,7 @@ def test_config_errors():
 
 @pytest.mark.parametrize("solver_name", ["memory", "streaming"])
 def test_train_from_source_writes_a_loadable_decomposer(tmp_path, solver_name):
-    from trainers.data import ArraySource
+    from dictlearn.trainers.data import ArraySource
 
     x, f_true, _ = planted(9, n=2048, noise=0.05)
     x = 25.0 * x  # raw activations are not unit scale; the saved model must read them as they are

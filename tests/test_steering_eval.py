@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dictlearn.activations.hookpoints import resolve
-from eval.judges import FluencyReference, distinct_bigram_share, read_sequences
-from eval.steering import (
+from dictlearn.eval.judges import FluencyReference, distinct_bigram_share, read_sequences
+from dictlearn.eval.steering import (
     NEUTRAL_PROMPTS,
     SteeringConfig,
     best_feature_per_concept,

@@ -87,14 +87,14 @@ def planted(n_rows=4096, d=16, n_atoms=32, k=3, noise=0.01, norm=50.0, seed=0):
 
 
 def spec(tmp_path, name="tiny", n_features=64, d_in=16, d_out=None, hp_in="act", hp_out="", **kw):
-    from trainers.sgd import DecomposerSpec
+    from dictlearn.trainers.sgd import DecomposerSpec
 
     cfg = TinyConfig(d_in=d_in, n_features=n_features, d_out=d_out, hookpoint_in=hp_in, hookpoint_out=hp_out, **kw)
     return DecomposerSpec(name=name, kind=TinySAE.kind, config=cfg, folder=tmp_path / "decomposers" / name)
 
 
 def train_cfg(**kw):
-    from trainers.sgd import TrainConfig
+    from dictlearn.trainers.sgd import TrainConfig
 
     base_kw = dict(batch_size=64, n_steps=200, lr=3e-3, warmup_steps=10, log_every=20, checkpoint_every=100,
                    sample_tokens=1024, progress=False)
@@ -102,9 +102,9 @@ def train_cfg(**kw):
 
 
 def test_loss_decreases_on_planted_data(tmp_path):
-    from trainers.data import ArraySource
-    from trainers.logging import WandbConfig, read_log
-    from trainers.sgd import train
+    from dictlearn.trainers.data import ArraySource
+    from dictlearn.trainers.logging import WandbConfig, read_log
+    from dictlearn.trainers.sgd import train
 
     x = planted()
     source = ArraySource({"act": x}, batch_size=64, seed=0)
@@ -128,7 +128,7 @@ def test_loss_decreases_on_planted_data(tmp_path):
 
 def _checkpoint_model(folder: Path, module: base.Decomposer, step: int):
     """The in-training (scaled) decomposer as the checkpoint at `step` holds it."""
-    from trainers.checkpoint import Checkpointer
+    from dictlearn.trainers.checkpoint import Checkpointer
 
     graphdef, state = nnx.split(module)
     ck = Checkpointer(folder / "checkpoints")
@@ -140,9 +140,9 @@ def _checkpoint_model(folder: Path, module: base.Decomposer, step: int):
 @pytest.mark.parametrize("transcoder", [False, True])
 def test_scale_folding_end_to_end(tmp_path, transcoder):
     """saved(raw x) == in-training model(s_in * x) / s_out, with s from the sample (separate for x and y)."""
-    from trainers.data import ArraySource
-    from trainers.logging import WandbConfig
-    from trainers.sgd import train
+    from dictlearn.trainers.data import ArraySource
+    from dictlearn.trainers.logging import WandbConfig
+    from dictlearn.trainers.sgd import train
 
     x = planted(n_rows=1024, norm=50.0)
     arrays = {"act": x}
@@ -173,10 +173,10 @@ def test_scale_folding_end_to_end(tmp_path, transcoder):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    from trainers.checkpoint import Checkpointer, CheckpointMismatch
-    from trainers.data import ArraySource
-    from trainers.logging import WandbConfig
-    from trainers.sgd import NonFiniteLoss, train
+    from dictlearn.trainers.checkpoint import Checkpointer, CheckpointMismatch
+    from dictlearn.trainers.data import ArraySource
+    from dictlearn.trainers.logging import WandbConfig
+    from dictlearn.trainers.sgd import NonFiniteLoss, train
 
     source = ArraySource({"act": planted(n_rows=1024)}, batch_size=64, seed=0)
     s = spec(tmp_path, explode_at=12)
@@ -194,7 +194,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_lr_schedule_shape():
-    from trainers.optim import lr_schedule
+    from dictlearn.trainers.optim import lr_schedule
 
     sched = lr_schedule(1.0, n_steps=100, warmup_steps=10, decay="linear", decay_fraction=0.2)
     assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(0.5)
@@ -208,7 +208,7 @@ def test_lr_schedule_shape():
 
 
 def test_input_scale_is_unit_mean_squared_norm():
-    from trainers.scaling import input_scale
+    from dictlearn.trainers.scaling import input_scale
 
     x = planted(n_rows=512, norm=145.0)
     s = input_scale(x)
@@ -288,7 +288,7 @@ def cli_run(tmp_path):
 
 def test_cli_trains_tiny_config_then_skips_finished(cli_run, capsys):
     from dictlearn.cli import main
-    from trainers.logging import read_log
+    from dictlearn.trainers.logging import read_log
 
     config, out = cli_run
     config.write_text(config.read_text().replace('mode = "disabled"', 'mode = "offline"'))
@@ -350,7 +350,7 @@ def test_topk_trains_on_real_smol_cache(smol_cache, tmp_path):
     """`dictlearn train` with a real kind on real SmolLM2 activations (resid_post.10, bfloat16 cache)."""
     from dictlearn.activations.loader import BatchLoader
     from dictlearn.cli import main
-    from trainers.logging import read_log
+    from dictlearn.trainers.logging import read_log
 
     config = tmp_path / "smol.toml"
     config.write_text(f"""
@@ -390,12 +390,12 @@ k_aux = 32
 def test_cli_sends_snmf_tables_to_the_semi_nmf_solver(smol_cache, smol, tmp_path, monkeypatch):
     """kind = "snmf" goes to trainers.snmf.train_snmf with the cache's MLP output weight, (d_mlp, d_model)."""
     import dictlearn.activations.models as models
-    import trainers.snmf
+    import dictlearn.trainers.snmf
     from dictlearn.cli import main
 
     calls, loaded = [], []
     monkeypatch.setattr(models, "load_model", lambda name, *a, **k: loaded.append(name) or smol)  # already loaded
-    monkeypatch.setattr(trainers.snmf, "train_snmf", lambda *args: calls.append(args) or args[2])
+    monkeypatch.setattr(dictlearn.trainers.snmf, "train_snmf", lambda *args: calls.append(args) or args[2])
     config = tmp_path / "nmf.toml"
     config.write_text(f'out_dir = "{tmp_path / "run"}"\n[train]\ncache = "{smol_cache.path}"\nseed = 3\n'
                       '[[decomposers]]\nname = "nmf"\nkind = "snmf"\nhookpoint_in = "mlp_hidden.10"\nn_features = 64\n')
@@ -433,7 +433,7 @@ mode = "disabled"
 
 
 def _check_trained(folder: Path, kind: str, x: np.ndarray, y: np.ndarray, grad: np.ndarray | None = None) -> None:
-    from trainers.logging import read_log
+    from dictlearn.trainers.logging import read_log
 
     log = read_log(folder / "train_log.jsonl")
     assert [r["step"] for r in log] == [8, 16]

@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 
 from dictlearn.decomposers import base
-from trainers import optim, scaling, sharding
-from trainers.checkpoint import CheckpointMismatch, Checkpointer, check_signature, common_step
-from trainers.data import BatchSource
-from trainers.logging import LOG_FILE, TrainLogger, WandbConfig
+from dictlearn.trainers import optim, scaling, sharding
+from dictlearn.trainers.checkpoint import CheckpointMismatch, Checkpointer, check_signature, common_step
+from dictlearn.trainers.data import BatchSource
+from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig
 
 CHECKPOINT_DIR = "checkpoints"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

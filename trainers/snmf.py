@@ -22,7 +22,7 @@ import numpy as np
 from dictlearn.decomposers import base
 from dictlearn.decomposers import snmf_solver as solver
 from dictlearn.decomposers.snmf import SemiNMF, SNMFConfig
-from trainers.logging import LOG_FILE, TrainLogger, WandbConfig
+from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig
 
 SOLVERS = ("memory", "streaming")
 INITS = ("random", "svd", "kmeans")
@@ -254,7 +254,7 @@ def train_snmf(table: dict[str, Any], cache, out_folder: Path, w_out: np.ndarray
     """Train the semi-NMF a `[[decomposers]]` table describes on `cache` (an ActivationCache) and save it
     to `out_folder`. w_out (d_mlp, d_model): the MLP's output projection, for residual directions."""
     from dictlearn.config import ConfigError
-    from trainers.data import CacheSource
+    from dictlearn.trainers.data import CacheSource
 
     cfg = parse_table(table)
     hps = cache.hookpoints
@@ -268,7 +268,7 @@ def train_snmf(table: dict[str, Any], cache, out_folder: Path, w_out: np.ndarray
 
 def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out: np.ndarray | None, seed: int) -> Path:
     """The work of `train_snmf` on any trainers.data.BatchSource holding cfg.hookpoint_in."""
-    from trainers.scaling import input_scale
+    from dictlearn.trainers.scaling import input_scale
 
     key = cfg.hookpoint_in
     out_folder.mkdir(parents=True, exist_ok=True)

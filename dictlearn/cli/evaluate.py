@@ -33,7 +33,7 @@ def evaluate(args: EvalArgs) -> int:
     from dictlearn.activations.models import ModelConfig
     from dictlearn.cli.common import out_dir, read_run_config
     from dictlearn.config import from_dict
-    from eval.suite import EvalConfig, evaluate_run
+    from dictlearn.eval.suite import EvalConfig, evaluate_run
 
     data = read_run_config(args.config, args.set)
     cfg = from_dict(EvalConfig, data.get("eval", {}), where=f"{args.config} [eval]")
@@ -53,8 +53,8 @@ def main(argv: list[str]) -> int:
     args = tyro.cli(EvalArgs, args=argv, prog="dictlearn eval")
     from dictlearn.activations.cache import CacheError
     from dictlearn.config import ConfigError
-    from eval.downstream import DownstreamError
-    from eval.suite import EvalError
+    from dictlearn.eval.downstream import DownstreamError
+    from dictlearn.eval.suite import EvalError
 
     try:
         return evaluate(args)

@@ -88,7 +88,7 @@ def steer_prompt(args: SteerArgs, loaded: Any = None) -> SteerResult:
     alpha = args.alpha
     if args.kl is not None:
         from dictlearn.steering.calibrate import calibrate_alpha
-        from eval.steering import NEUTRAL_PROMPTS
+        from dictlearn.eval.steering import NEUTRAL_PROMPTS
 
         prompts = [args.prompt, *NEUTRAL_PROMPTS[:CALIBRATION_PROMPTS]]
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -48,7 +48,7 @@ def load_kinds() -> dict[str, type]:
 def decomposer_tables(data: dict[str, Any], where: str, only: list[str]) -> list[dict[str, Any]]:
     """The `[[decomposers]]` tables to train, each with a unique, valid name and a kind."""
     from dictlearn.config import ConfigError
-    from trainers.sgd import NAME_RE
+    from dictlearn.trainers.sgd import NAME_RE
 
     tables = data.get("decomposers", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
@@ -75,7 +75,7 @@ def decomposer_tables(data: dict[str, Any], where: str, only: list[str]) -> list
 def build_spec(table: dict[str, Any], hookpoints: dict[str, dict], folder: Path, where: str):
     """A DecomposerSpec from one table, with d_in/d_out from the cache and n_features from `expansion`."""
     from dictlearn.config import ConfigError, from_dict
-    from trainers.sgd import DecomposerSpec
+    from dictlearn.trainers.sgd import DecomposerSpec
 
     kinds = load_kinds()
     name, kind = table["name"], table["kind"]
@@ -155,8 +155,8 @@ def train_from_config(config: Path, overrides: list[str], only: list[str]) -> in
     from dictlearn.activations.cache import ActivationCache, CacheError
     from dictlearn.cli.common import out_dir, read_run_config
     from dictlearn.config import from_dict
-    from trainers.logging import WandbConfig
-    from trainers.sgd import TrainConfig, finished
+    from dictlearn.trainers.logging import WandbConfig
+    from dictlearn.trainers.sgd import TrainConfig, finished
 
     data = read_run_config(config, overrides)
     where = str(config)
@@ -165,7 +165,7 @@ def train_from_config(config: Path, overrides: list[str], only: list[str]) -> in
     tables = decomposer_tables(data, where, only)
     root = out_dir(data, config)
     if cfg.distributed:
-        from trainers.sharding import initialize_distributed
+        from dictlearn.trainers.sharding import initialize_distributed
 
         initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
 
@@ -194,14 +194,14 @@ def train_from_config(config: Path, overrides: list[str], only: list[str]) -> in
         raise CacheError(f"refusing to train on the cache at {cache.path}, which does not verify: {e}") from None
 
     if sgd_specs:
-        from trainers.data import CacheSource
-        from trainers.sgd import data_keys, train
+        from dictlearn.trainers.data import CacheSource
+        from dictlearn.trainers.sgd import data_keys, train
 
         source = CacheSource(cache, data_keys(sgd_specs), cfg.batch_size, cfg.seed)
         for name, folder in train(sgd_specs, source, cfg, root, wandb_cfg).items():
             print(f"{name}: saved to {folder}")
     for table, folder in snmf_tables:
-        from trainers.snmf import train_snmf
+        from dictlearn.trainers.snmf import train_snmf
 
         w_out = mlp_output_weight(cache, table.get("hookpoint_in", ""))
         print(f"{table['name']}: saved to {train_snmf(table, cache, folder, w_out, cfg.seed)}")
@@ -212,8 +212,8 @@ def main(argv: list[str]) -> int:
     args = tyro.cli(TrainArgs, args=argv, prog="dictlearn train")
     from dictlearn.activations.cache import CacheError
     from dictlearn.config import ConfigError
-    from trainers.checkpoint import CheckpointMismatch
-    from trainers.sgd import NonFiniteLoss
+    from dictlearn.trainers.checkpoint import CheckpointMismatch
+    from dictlearn.trainers.sgd import NonFiniteLoss
 
     try:
         return train_from_config(args.config, args.set, args.only)
