@@ -122,8 +122,7 @@ class DecomposerSpec:
         return f"{self.config.hookpoint_out}@grad"
 
     def keys(self) -> list[str]:
-        needs_grad = base.REGISTRY[self.kind].needs_grad if self.kind in base.REGISTRY else False
-        return list(dict.fromkeys([self.x_key, self.y_key] + ([self.grad_key] if needs_grad else [])))
+        return list(dict.fromkeys([self.x_key, self.y_key] + ([self.grad_key] if self.config.needs_grad else [])))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -158,7 +157,7 @@ class _Member:
     def view(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The decomposer's batch: scaled x and y; the gradient w.r.t. the scaled y (chain rule: g / s)."""
         out = {"x": batch[self.spec.x_key] * self.scale_in, "y": batch[self.spec.y_key] * self.scale_out}
-        if base.REGISTRY[self.spec.kind].needs_grad:
+        if self.spec.config.needs_grad:
             out["grad"] = batch[self.spec.grad_key] / self.scale_out
         return out
 

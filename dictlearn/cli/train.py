@@ -104,9 +104,6 @@ def build_spec(table: dict[str, Any], hookpoints: dict[str, dict], folder: Path,
         if not isinstance(expansion, (int, float)) or isinstance(expansion, bool) or expansion <= 0:
             raise ConfigError(f"{where}: expansion must be a positive number, got {expansion!r}")
         rest["n_features"] = int(round(expansion * widths["d_in"]))
-    if cls.needs_grad and f"{hp_out}@grad" not in hookpoints:
-        raise ConfigError(f"{where}: kind {kind!r} needs gradients at {hp_out}, which the cache lacks; "
-                          f"harvest again with {hp_out!r} in harvest.gradients")
     lr = table.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0):
         raise ConfigError(f"{where}: lr must be a positive number, got {lr!r}")
@@ -114,6 +111,9 @@ def build_spec(table: dict[str, Any], hookpoints: dict[str, dict], folder: Path,
         config = from_dict(cls.config_cls, rest, where=where)
     except ConfigError as e:
         raise ConfigError(f"{e} (plus the trainer's keys {', '.join(TRAINER_KEYS)})") from None
+    if config.needs_grad and f"{hp_out}@grad" not in hookpoints:
+        raise ConfigError(f"{where}: kind {kind!r} needs gradients at {hp_out}, which the cache lacks; "
+                          f"harvest again with {hp_out!r} in harvest.gradients")
     return DecomposerSpec(name=name, kind=kind, config=config, folder=folder, lr=float(lr) if lr is not None else None)
 
 

@@ -46,15 +46,24 @@ class DecomposerConfig:
         if self.d_in <= 0 or self.n_features <= 0 or self.d_out <= 0:
             raise ValueError(f"d_in, d_out and n_features must be positive, got {self.d_in}, {self.d_out}, {self.n_features}")
 
+    @property
+    def needs_grad(self) -> bool:
+        """Batches must carry "grad" (the loss gradient at hookpoint_out). Derived from the config, so a kind
+        whose mechanism is chosen by a field (a transcoder's `sparsity`) answers per instance."""
+        return False
+
 
 class Decomposer(nnx.Module):
     """Base class: subclasses set `kind` and `config_cls` and implement the four methods below."""
 
     kind: ClassVar[str] = ""
     config_cls: ClassVar[type[DecomposerConfig]] = DecomposerConfig
-    needs_grad: ClassVar[bool] = False  # True: batches must carry "grad" (gradient TopK)
-
     config: DecomposerConfig
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether training batches must carry "grad": the config's answer (see DecomposerConfig.needs_grad)."""
+        return self.config.needs_grad
 
     def encode(self, x: jax.Array) -> jax.Array:
         """(B, d_in) -> (B, n_features) non-negative codes (dense layout, mostly zeros)."""

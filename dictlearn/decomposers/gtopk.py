@@ -42,6 +42,10 @@ class GTopKConfig(GTopKFields, TopKFields, SparseCoderConfig):
         self.validate_topk()
         self.validate_gtopk()
 
+    @property
+    def needs_grad(self) -> bool:
+        return GTopKSparsity.needs_grad
+
 
 def gradient_scores(z: jax.Array, grad: jax.Array, w_dec: jax.Array, beta: float) -> jax.Array:
     """z + beta * z * |W_dec g| per latent: (B, n)."""
@@ -50,6 +54,7 @@ def gradient_scores(z: jax.Array, grad: jax.Array, w_dec: jax.Array, beta: float
 
 class GTopKSparsity(TopKSparsity):
     name: ClassVar[str] = "gtopk"
+    needs_grad: ClassVar[bool] = True
 
     def __init__(self, config: DecomposerConfig):
         super().__init__(config)
@@ -76,7 +81,5 @@ class GTopKSAE(SparseCoder):
 
     kind: ClassVar[str] = "gtopk"
     config_cls: ClassVar[type[DecomposerConfig]] = GTopKConfig
-    needs_grad: ClassVar[bool] = True
-
     def make_sparsity(self, config) -> Sparsity:
         return GTopKSparsity(config)

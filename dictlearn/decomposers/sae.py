@@ -91,6 +91,7 @@ class Sparsity(nnx.Module):
     Every method gets the raw input x and z0 = (x - b_in) @ W_enc.T (the pre-activation without b_enc)."""
 
     name: ClassVar[str] = ""
+    needs_grad: ClassVar[bool] = False  # True: selection uses "grad" (the loss gradient at hookpoint_out)
 
     def train_codes(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, batch: dict[str, jax.Array]) -> Codes:
         """Codes used by the training loss (may depend on the whole batch)."""

@@ -30,6 +30,10 @@ class TranscoderConfig(GTopKFields, BatchTopKFields, JumpReLUFields, ReLUFields,
 
     sparsity: str = "topk"  # topk | batchtopk | jumprelu | relu | gtopk
 
+    @property
+    def needs_grad(self) -> bool:
+        return SPARSITIES.get(self.sparsity, Sparsity).needs_grad
+
     def topk_family(self) -> bool:
         return issubclass(SPARSITIES.get(self.sparsity, Sparsity), TopKSparsity)
 
@@ -53,10 +57,6 @@ class Transcoder(SparseCoder):
     kind: ClassVar[str] = "transcoder"
     config_cls: ClassVar[type[DecomposerConfig]] = TranscoderConfig
     transcoder: ClassVar[bool] = True
-
-    def __init__(self, config: TranscoderConfig, *, rngs):
-        super().__init__(config, rngs=rngs)
-        self.needs_grad = config.sparsity == "gtopk"  # per instance: depends on the chosen mechanism
 
     def make_sparsity(self, config) -> Sparsity:
         return SPARSITIES[config.sparsity](config)
