@@ -127,5 +127,8 @@ def test_aliases_work_across_families(family):
     else:
         hidden, down = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj
     torch.testing.assert_close(acts[f"mlp_hidden.{L}"], hidden)
-    torch.testing.assert_close(acts[f"mlp_out.{L}"], down(acts[f"mlp_hidden.{L}"]))
+    # mlp_out is what the block adds to the residual stream: after Gemma's post-feedforward norm
+    block = model.get_submodule(hps[0].module_path)  # resid_pre.L is block L's input
+    post = getattr(block, "post_feedforward_layernorm", torch.nn.Identity())
+    torch.testing.assert_close(acts[f"mlp_out.{L}"], post(down(acts[f"mlp_hidden.{L}"])))
     assert {h.name: h.width for h in hps} == {n: acts[n].shape[-1] for n in names}

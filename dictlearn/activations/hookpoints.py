@@ -1,35 +1,29 @@
 """Named places in a Hugging Face model where activations are read or replaced.
 
 Two ways to name a hookpoint:
-- family-independent aliases `resid_pre.L`, `resid_post.L`, `mlp_in.L`, `mlp_hidden.L`, `mlp_out.L`,
-  `attn_out.L` (L = layer index), found by the model's structure rather than a per-family table;
+- aliases `resid_pre.L`, `resid_post.L`, `attn_out.L`, `mlp_in.L`, `mlp_hidden.L`, `mlp_out.L` and the pre-norm
+  outputs `attn_out_pre_norm.L`, `mlp_out_pre_norm.L` (L = layer index), resolved through the model's family
+  entry (dictlearn/activations/families.py, which defines what each alias means);
 - the model's own module paths with fnmatch patterns (`model.layers.*.mlp.down_proj`): the module's
   output, or its input with the suffix `:input` (`model.layers.3.mlp.down_proj:input`).
 
 Everything here is torch-side and knows no dictionary: `capture` reads activations,
-`intervene` rewrites them (splicing, steering), `stop_after` ends a forward early.
+`intervene` rewrites them (splicing, steering), `capture(..., stop_early=True)` ends a forward early.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-ALIASES = ("resid_pre", "resid_post", "mlp_in", "mlp_hidden", "mlp_out", "attn_out")
-_LAYER_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers",
-                "model.language_model.layers")
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
-_OUT_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "out_proj")
+from dictlearn.activations import families
+from dictlearn.activations.families import ALIASES, FamilyError, HookpointError  # noqa: F401  (re-exported)
 
-
-class HookpointError(ValueError):
-    """A hookpoint the model does not have."""
+_RESIDUAL_WIDTH = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out", "attn_out_pre_norm", "mlp_out_pre_norm")
 
 
 class StopForward(Exception):
@@ -46,51 +40,12 @@ class Hookpoint:
 
 
 def decoder_layers_path(model: torch.nn.Module) -> str:
-    """Module path of the list of decoder blocks (model.layers, transformer.h, gpt_neox.layers, ...)."""
-    modules = dict(model.named_modules())
-    for p in _LAYER_LISTS:
-        if isinstance(modules.get(p), torch.nn.ModuleList):
-            return p
-    for p, m in modules.items():  # any other family: the first ModuleList of blocks
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and any(hasattr(m[0], a) for a in _ATTN_NAMES):
-            return p
-    raise HookpointError(f"cannot find the decoder layers of {type(model).__name__}; name hookpoints by module path instead")
+    """Module path of the list of decoder blocks (from the model's family entry)."""
+    return families.family_of(model).layers
 
 
 def n_layers(model: torch.nn.Module) -> int:
-    return len(model.get_submodule(decoder_layers_path(model)))
-
-
-def _child(block: torch.nn.Module, names: tuple[str, ...], what: str, where: str) -> str:
-    for n in names:
-        if hasattr(block, n) and isinstance(getattr(block, n), torch.nn.Module):
-            return n
-    raise HookpointError(f"{where} has no {what} submodule (looked for {', '.join(names)})")
-
-
-def _alias_target(model: torch.nn.Module, alias: str, layer: int) -> tuple[str, str]:
-    layers = decoder_layers_path(model)
-    count = len(model.get_submodule(layers))
-    if not 0 <= layer < count:
-        raise HookpointError(f"hookpoint {alias}.{layer}: layer {layer} is out of range; {valid_hookpoints_help(model)}")
-    block_path = f"{layers}.{layer}"
-    block = model.get_submodule(block_path)
-    if alias == "resid_pre":
-        return block_path, "input"
-    if alias == "resid_post":
-        return block_path, "output"
-    if alias == "attn_out":
-        return f"{block_path}.{_child(block, _ATTN_NAMES, 'attention', block_path)}", "output"
-    mlp_name = _child(block, _MLP_NAMES, "MLP", block_path)
-    mlp_path = f"{block_path}.{mlp_name}"
-    if alias == "mlp_in":
-        return mlp_path, "input"
-    if alias == "mlp_out":
-        return mlp_path, "output"
-    if alias == "mlp_hidden":
-        proj = _child(getattr(block, mlp_name), _OUT_PROJ_NAMES, "output projection", mlp_path)
-        return f"{mlp_path}.{proj}", "input"
-    raise HookpointError(f"unknown alias {alias!r}")
+    return families.n_layers(model)
 
 
 def valid_hookpoints_help(model: torch.nn.Module) -> str:
@@ -99,18 +54,9 @@ def valid_hookpoints_help(model: torch.nn.Module) -> str:
         alias_part = f"aliases {', '.join(a + '.L' for a in ALIASES)} with L in 0..{count - 1}"
         block0 = f"{decoder_layers_path(model)}.0"
         paths = [p.replace(block0, block0[:-1] + "*", 1) for p, _ in model.named_modules() if p.startswith(block0)]
-    except HookpointError:
+    except FamilyError:
         alias_part, paths = "no aliases (unknown layer layout)", [p for p, _ in model.named_modules() if p][:40]
     return f"valid hookpoints: {alias_part}; or module paths (optionally with ':input'), e.g. {', '.join(paths[:14])}"
-
-
-def _layer_of(model: torch.nn.Module, module_path: str) -> int | None:
-    try:
-        layers = decoder_layers_path(model)
-    except HookpointError:
-        return None
-    m = re.match(re.escape(layers) + r"\.(\d+)(\.|$)", module_path)
-    return int(m.group(1)) if m else None
 
 
 def resolve(model: torch.nn.Module, names: list[str] | str, probe_widths: bool = True) -> list[Hookpoint]:
@@ -120,17 +66,22 @@ def resolve(model: torch.nn.Module, names: list[str] | str, probe_widths: bool =
     modules = dict(model.named_modules())
     out: list[Hookpoint] = []
     for name in names:
-        m = re.fullmatch(r"([a-z_]+)\.(\d+)", name)
-        if m and m.group(1) in ALIASES:
-            path, site = _alias_target(model, m.group(1), int(m.group(2)))
-            out.append(Hookpoint(name, path, site, int(m.group(2))))
+        alias = families.parse_alias(name)
+        if alias is not None:
+            try:
+                path, site = families.alias_target(model, *alias)
+            except FamilyError:
+                raise
+            except HookpointError as e:  # a layer out of range: list what exists
+                raise HookpointError(f"{e}; {valid_hookpoints_help(model)}") from e
+            out.append(Hookpoint(name, path, site, alias[1]))
             continue
         pattern, site = (name[: -len(":input")], "input") if name.endswith(":input") else (name, "output")
         matches = [p for p in modules if p and fnmatch.fnmatchcase(p, pattern)]
         if not matches:
             raise HookpointError(f"unknown hookpoint {name!r} for {type(model).__name__}. {valid_hookpoints_help(model)}")
         for p in matches:
-            out.append(Hookpoint(p + (":input" if site == "input" else ""), p, site, _layer_of(model, p)))
+            out.append(Hookpoint(p + (":input" if site == "input" else ""), p, site, families.layer_of(model, p)))
     if len({h.name for h in out}) != len(out):
         raise HookpointError(f"hookpoints {names} name the same place twice")
     if probe_widths:
@@ -145,8 +96,8 @@ def _static_width(model: torch.nn.Module, h: Hookpoint) -> int | None:
         return module.in_features if h.site == "input" else module.out_features
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2's transposed linear
         return int(module.weight.shape[0 if h.site == "input" else 1])
-    alias = re.fullmatch(r"([a-z_]+)\.\d+", h.name)
-    if alias and alias.group(1) in ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out"):
+    alias = families.parse_alias(h.name)
+    if alias and alias[0] in _RESIDUAL_WIDTH:
         embed = model.get_input_embeddings()
         return int(embed.embedding_dim) if embed is not None else None
     return None
