@@ -83,7 +83,7 @@ def test_reads_only_one_window_at_a_time(cache, monkeypatch):
     loader = BatchLoader(cache, ["resid_post.1"], 32, seed=0, mix_shards=2, prefetch=0)  # no read-ahead
     opened = []
     real = type(cache).shard_arrays
-    monkeypatch.setattr(type(cache), "shard_arrays", lambda self, i, keys=None: opened.append(i) or real(self, i, keys))
+    monkeypatch.setattr(type(cache), "shard_arrays", lambda self, i, keys=None, **kw: opened.append(i) or real(self, i, keys, **kw))
     first = loader.batch(0)
     assert len(opened) == 2 and first["resid_post.1"].shape == (32, 32)  # one window of 2 shards, not the cache
     opened.clear()

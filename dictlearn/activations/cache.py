@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from dictlearn.files import LOCK_FILE, FolderLock, atomic_write_bytes, atomic_write_json, sha256_file
 
 FORMAT = "dictlearn-activation-cache"
 FORMAT_VERSION = 1
@@ -38,40 +40,11 @@ class CacheError(RuntimeError):
     """A cache folder that is missing, incomplete, corrupt, or not what the caller expects."""
 
 
+_DATA_FILE = re.compile(r"(shard-\d+.*|.*\.(safetensors|npy|npz))$")  # what a cache folder's data files look like
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace `path` with JSON `data` so that a reader sees either the old or the new file, never half."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _np_dtype(code: str):
@@ -84,25 +57,36 @@ def _np_dtype(code: str):
     return _ST_DTYPES[code]
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict]:
-    """(data start offset, header dict) of a safetensors file; CacheError if the file is cut short or garbled."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CacheError(f"{path.name}: truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 << 20:
-            raise CacheError(f"{path.name}: truncated or corrupt (header length {n} > file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheError(f"{path.name}: corrupt safetensors header ({e})") from e
+def _parse_header(read_at: Callable[[int, int], bytes], size: int, name: str) -> tuple[int, dict]:
+    """(data start offset, header dict) of a safetensors file of `size` bytes read through `read_at(offset, n)`."""
+    head = read_at(0, 8)
+    if len(head) < 8:
+        raise CacheError(f"{name}: truncated (no safetensors header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > 100 << 20:
+        raise CacheError(f"{name}: truncated or corrupt (header length {n} > file size {size})")
+    try:
+        header = json.loads(read_at(8, n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{name}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CacheError(f"{name}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end != size:
-        raise CacheError(f"{path.name}: truncated or padded: header says {8 + n + end} bytes, file has {size}")
+        raise CacheError(f"{name}: truncated or padded: header says {8 + n + end} bytes, file has {size}")
     return 8 + n, header
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(data start offset, header dict) of a safetensors file; CacheError if the file is cut short or garbled."""
+    with open(path, "rb") as f:
+
+        def read_at(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
+        return _parse_header(read_at, path.stat().st_size, path.name)
 
 
 def to_float32(a: np.ndarray) -> np.ndarray:
@@ -186,23 +170,48 @@ class ActivationCache:
         return list(self.hookpoints) + list(ROW_KEYS)
 
     # --- data ------------------------------------------------------------------------------------------
-    def shard_arrays(self, index: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Memory-mapped arrays of shard `index` in their stored dtype (no copy until indexed)."""
+    def shard_arrays(self, index: int, keys: list[str] | None = None, verify: bool = False) -> dict[str, np.ndarray]:
+        """Arrays of shard `index` in their stored dtype.
+
+        Without `verify` they are memory-mapped (no read until indexed). With `verify` the whole file is read
+        once into memory and its sha256 checked against the manifest before any array is returned (the same
+        bytes are hashed and used, so nothing is read twice); a mismatch raises CacheError naming the shard."""
         info = self.shards[index]
         path = self.path / info["file"]
         if not path.is_file():
             raise CacheError(f"{info['file']}: listed in the manifest but missing; rerun the harvest or `dictlearn cache verify`")
-        start, header = read_safetensors_header(path)
+        if verify:
+            buf = self._read_checked(info, path)
+            start, header = _parse_header(lambda o, n: bytes(buf[o : o + n]), len(buf), info["file"])
+            data = np.frombuffer(buf, dtype=np.uint8)
+        else:
+            start, header = read_safetensors_header(path)
+            data = np.memmap(path, dtype=np.uint8, mode="r")
         wanted = keys if keys is not None else list(header)
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
         out = {}
         for k in wanted:
             if k not in header:
                 raise CacheError(f"{info['file']}: has no array {k!r}; stored: {', '.join(sorted(header))}")
             t = header[k]
             a, b = t["data_offsets"]
-            out[k] = mm[start + a : start + b].view(_np_dtype(t["dtype"])).reshape(t["shape"])
+            out[k] = data[start + a : start + b].view(_np_dtype(t["dtype"])).reshape(t["shape"])
         return out
+
+    def _read_checked(self, info: dict, path: Path) -> bytearray:
+        """The bytes of a shard, read once, after checking their size and sha256 against the manifest."""
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise CacheError(f"{info['file']} in {self.path}: truncated or altered: {size} bytes, the manifest says "
+                             f"{info['bytes']}; harvest the cache again")
+        buf = bytearray(size)
+        with open(path, "rb", buffering=0) as f:
+            view, got = memoryview(buf), 0
+            while got < size and (n := f.readinto(view[got:])):
+                got += n
+        if got != size or hashlib.sha256(buf).hexdigest() != info["sha256"]:
+            raise CacheError(f"{info['file']} in {self.path}: corrupt: its sha256 does not match the manifest; "
+                             "harvest the cache again (or restore the file)")
+        return buf
 
     def sequence_tokens(self, seq_ids) -> np.ndarray:
         """(n, context_length) token ids of the given sequence ids (the context of any row)."""
@@ -219,14 +228,67 @@ class ActivationCache:
         return out
 
     # --- integrity ---------------------------------------------------------------------------------------
+    def check_folder(self) -> None:
+        """Account for the manifest's shard list and every data file in the folder (cheap: no shard is read).
+
+        Raises CacheError naming every problem: a shard file in the folder that the manifest does not list
+        (e.g. an entry deleted from manifest.json), a listed shard whose file is missing, gaps or disorder in
+        the shard numbering or sequence ranges, splits that disagree with `eval_shards`, fewer shards than
+        planned in a finished cache, and row or token totals that are not the sum of the shards'. Dotfiles
+        (the lock) and temporary files of an interrupted write are not data and are left alone."""
+        m, problems = self.manifest, []
+        listed = {s["file"] for s in self.shards}
+        prev_stop = 0
+        per_shard = m.get("sequences_per_shard")
+        eval_ids = set(m["eval_shards"]) if "eval_shards" in m else None
+        for k, s in enumerate(self.shards):
+            if s["file"] != shard_name(k) or s.get("index", k) != k:
+                problems.append(f"entry {k} of the shard list is {s['file']} (index {s.get('index')}), not {shard_name(k)}: "
+                                f"the listed shards skip or reorder numbers")
+                break
+            if s["seq_start"] > prev_stop:
+                problems.append(f"sequences {prev_stop}-{s['seq_start'] - 1} are in no listed shard (gap before {s['file']})")
+            elif s["seq_start"] < prev_stop and per_shard:
+                problems.append(f"{s['file']} starts at sequence {s['seq_start']}, inside the previous shard's range")
+            if per_shard and (s["seq_start"] != k * per_shard or s["tokens"] != (s["seq_stop"] - s["seq_start"]) * self.context_length):
+                problems.append(f"{s['file']} holds sequences {s['seq_start']}-{s['seq_stop'] - 1} ({s['tokens']} tokens), "
+                                f"not the planned range from {k * per_shard}")
+            if eval_ids is not None and s["split"] != ("eval" if k in eval_ids else "train"):
+                problems.append(f"{s['file']} is marked {s['split']!r} but the planned eval shards are {sorted(eval_ids)}")
+            prev_stop = max(prev_stop, s["seq_stop"])
+        if self.complete and len(self.shards) != m.get("n_shards_planned"):
+            problems.append(f"the finished cache lists {len(self.shards)} shards but {m.get('n_shards_planned')} were planned")
+        for total, part in (("n_rows", "rows"), ("n_tokens", "tokens")):
+            got = sum(s[part] for s in self.shards)
+            if total in m and self.shards and m[total] != got:
+                problems.append(f"its {total} is {m[total]:,} but its shards hold {got:,} {part}")
+        present = {f.name for f in self.path.iterdir() if f.is_file()}
+        pending = shard_name(len(self.shards)) if not self.complete else None  # a write a kill interrupted
+        unlisted = sorted(n for n in present - listed
+                          if _DATA_FILE.match(n) and ".tmp" not in n and n != pending)
+        if unlisted:
+            shown = ", ".join(unlisted[:8]) + (f" and {len(unlisted) - 8} more" if len(unlisted) > 8 else "")
+            problems.append(f"{shown} {'is' if len(unlisted) == 1 else 'are'} in the folder but not listed in {MANIFEST}")
+        missing = sorted(listed - present)
+        if missing:
+            problems.append(f"{', '.join(missing[:8])} {'is' if len(missing) == 1 else 'are'} listed but missing from the folder")
+        if problems:
+            raise CacheError(
+                f"{self.path}: {MANIFEST} does not account for the cache: " + "; ".join(problems)
+                + ". Training or evaluating on it would silently use the wrong rows: restore the folder or harvest it again "
+                "into an empty folder"
+            )
+
     def verify(self, checksums: bool = True) -> None:
-        """Raise CacheError naming the first problem: an unfinished harvest, a missing, truncated or corrupt
-        shard (sizes, headers, shapes, and with `checksums` the sha256 of every shard)."""
+        """Raise CacheError naming the first problem: an unfinished harvest, a folder the manifest does not
+        account for (`check_folder`), a missing, truncated or corrupt shard (sizes, headers, shapes, and with
+        `checksums` the sha256 of every shard)."""
         if not self.complete:
             raise CacheError(
                 f"{self.path}: the harvest is unfinished ({len(self.shards)} of {self.manifest.get('n_shards_planned')} "
                 "shards); run the same `dictlearn harvest` command again to finish it"
             )
+        self.check_folder()
         widths = {k: v["width"] for k, v in self.hookpoints.items()}
         for info in self.shards:
             path = self.path / info["file"]
@@ -294,14 +356,17 @@ class CacheWriter:
                     f"{path} already holds a cache harvested with a different config ({shown}). "
                     "Point out_dir elsewhere or delete that folder; caches are never mixed."
                 )
-            for stale in path.glob("*.tmp*"):  # a write the kill interrupted
-                stale.unlink()
+            # temp files of a write a kill interrupted; under the folder's lock (re-entrant for a harvest that
+            # already holds it), so another live process's file in mid-write is never removed
+            with FolderLock(path, "an activation cache write"):
+                for stale in path.glob("*.tmp*"):
+                    stale.unlink(missing_ok=True)
             return cls(path, old)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(f.name != LOCK_FILE for f in path.iterdir()):
             raise CacheError(f"{path} exists and is not empty but holds no {MANIFEST}; choose an empty or new folder")
         path.mkdir(parents=True, exist_ok=True)
         manifest = {**manifest, "shards": [], "complete": False}
-        write_json_atomic(mf, manifest)
+        atomic_write_json(mf, manifest)
         return cls(path, manifest)
 
     @property
@@ -315,15 +380,15 @@ class CacheWriter:
         index = self.n_done
         payload = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         name = shard_name(index)
-        write_bytes_atomic(self.path / name, payload)
+        atomic_write_bytes(self.path / name, payload)
         entry = {"file": name, "index": index, **info, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
         m = self.manifest
         m["shards"].append(entry)
         m["n_rows"] = sum(s["rows"] for s in m["shards"])
         m["n_tokens"] = sum(s["tokens"] for s in m["shards"])
-        write_json_atomic(self.path / MANIFEST, m)
+        atomic_write_json(self.path / MANIFEST, m)
 
     def finish(self) -> ActivationCache:
         self.manifest["complete"] = True
-        write_json_atomic(self.path / MANIFEST, self.manifest)
+        atomic_write_json(self.path / MANIFEST, self.manifest)
         return ActivationCache(self.path, self.manifest)

@@ -128,6 +128,24 @@ def documents(config: CorpusConfig) -> Iterator[str]:
         yield from _read_hf(config)
 
 
+def check_corpus(config: CorpusConfig, n_docs: int = 16) -> None:
+    """Read the corpus's first `n_docs` documents: a missing path, a wrong `field` or an empty corpus fails
+    here, before a harvest creates its cache folder (which would then refuse the corrected config)."""
+    seen = filled = 0
+    for doc in documents(config):  # a record without `field` raises CorpusError naming it
+        seen += 1
+        filled += bool(doc.strip())
+        if seen >= n_docs:
+            break
+    if not seen:
+        raise CorpusError(f"corpus {config.path!r} holds no documents; give a corpus with text in it")
+    if not filled:
+        raise CorpusError(
+            f"the first {seen} document(s) of corpus {config.path!r} have no text in field {config.field!r}; "
+            "check corpus.field"
+        )
+
+
 def fingerprint(config: CorpusConfig) -> str:
     """Identifies the corpus content (file names, sizes and hashes; or the dataset name) and its field."""
     h = hashlib.sha256(f"field={config.field}".encode())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import math
 import shutil
@@ -29,9 +30,11 @@ import numpy as np
 import torch
 
 from dictlearn.activations import hookpoints as hp_mod
-from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, ActivationCache, CacheWriter
-from dictlearn.activations.corpus import CorpusConfig, fingerprint as corpus_fingerprint, packed_sequences, special_token_ids
+from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, ActivationCache, CacheError, CacheWriter
+from dictlearn.activations.corpus import (CorpusConfig, check_corpus, fingerprint as corpus_fingerprint, packed_sequences,
+                                          special_token_ids)
 from dictlearn.activations.models import LoadedModel
+from dictlearn.files import FolderLock
 
 _TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GRAD_SUFFIX = "@grad"
@@ -84,7 +87,7 @@ class Plan:
 
     @property
     def estimated_bytes(self) -> int:
-        return self.n_sequences * self.context_length * self.row_bytes
+        return self.n_sequences * self.context_length * (self.row_bytes + 4)  # + `sequence_tokens`, int32
 
 
 def eval_shard_ids(n_shards: int, fraction: float) -> list[int]:
@@ -124,14 +127,50 @@ def identity(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig) -
     }
 
 
-def _check_disk(out: Path, needed: int) -> None:
+DISK_MARGIN_FRACTION = 0.02  # on top of the estimate: safetensors headers, the manifest, file-system blocks
+DISK_MARGIN_BYTES = 16 << 20
+
+
+def _size(n: float) -> str:
+    """A byte count for people: MB below a gigabyte (a 4.6 MB cache is not "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _check_disk(out: Path, needed: int, config: HarvestConfig, resuming: bool) -> None:
+    """Refuse before any work when the disk holding `out` lacks `needed` bytes plus a stated margin."""
     probe = out if out.exists() else next(p for p in out.parents if p.exists())
     free = shutil.disk_usage(probe).free
-    if needed * 1.02 + (64 << 20) > free:
-        raise HarvestError(
-            f"the cache needs about {needed / 1e9:.2f} GB but {probe} has only {free / 1e9:.2f} GB free; "
-            "lower harvest.n_tokens, store harvest.dtype = \"bfloat16\", or choose another out_dir"
-        )
+    margin = int(needed * DISK_MARGIN_FRACTION) + DISK_MARGIN_BYTES
+    if needed + margin <= free:
+        return
+    if resuming:  # its settings are fixed: changing n_tokens or dtype would be refused as a different config
+        advice = ("free some space and run the same command again (it resumes), or move the cache folder to a larger "
+                  "disk and point out_dir there")
+    else:
+        advice = ", ".join(["free some space", "lower harvest.n_tokens"]
+                           + (['store harvest.dtype = "bfloat16"'] if config.dtype == "float32" else [])
+                           + ["or choose another out_dir"])
+    raise HarvestError(
+        f"the cache {'still needs' if resuming else 'needs'} about {_size(needed)} plus a safety margin of {_size(margin)} "
+        f"({DISK_MARGIN_FRACTION:.0%} + {DISK_MARGIN_BYTES >> 20} MiB for headers, the manifest and file-system "
+        f"overhead) but {probe} has only {_size(free)} free; {advice}"
+    )
+
+
+def _disk_full_error(out: Path, e: OSError) -> HarvestError:
+    """The sentence for a disk that filled up mid-harvest: what is safely written, and how to resume."""
+    try:
+        m = ActivationCache.open(out).manifest  # what is on disk, not what this process meant to write
+        shards, planned = m["shards"], m.get("n_shards_planned")
+    except CacheError:
+        shards, planned = [], None
+    written = (f"{len(shards)} of {planned} shards ({sum(s['rows'] for s in shards):,} rows, "
+               f"{_size(sum(s['bytes'] for s in shards))}) are safely written")
+    resume = f"it resumes after shard {len(shards) - 1}" if shards else "it starts the cache again"
+    return HarvestError(
+        f"the disk holding {out} is full ({e.strerror or e}): {written}; free some space and run the same command "
+        f"again: {resume}"
+    )
 
 
 @contextlib.contextmanager
@@ -240,18 +279,31 @@ def harvest(
         "n_tokens": 0,
         "n_rows": 0,
     }
-    if not (out / "manifest.json").is_file():
-        _check_disk(out, p.estimated_bytes)
+    if not (out / MANIFEST).is_file():  # checks that must not leave a folder behind when they fail
+        check_corpus(corpus)
+        _check_disk(out, p.estimated_bytes, config, resuming=False)
+    try:
+        with FolderLock(out, "an activation harvest"):  # a second harvest into `out` refuses, naming this pid
+            return _harvest_locked(loaded, corpus, config, out, p, grad_hps, manifest, progress)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full_error(out, e) from None
+        raise
+
+
+def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig, out: Path, p: Plan,
+                    grad_hps: list, manifest: dict, progress: bool) -> ActivationCache:
+    model = loaded.model
     writer = CacheWriter.create_or_resume(out, manifest)
     if writer.manifest.get("complete"):
         return ActivationCache(out, writer.manifest)
     start_shard = writer.n_done
     if start_shard:
-        _check_disk(out, p.estimated_bytes * (p.n_shards - start_shard) // p.n_shards)
+        _check_disk(out, p.estimated_bytes * (p.n_shards - start_shard) // p.n_shards, config, resuming=True)
     if progress:
         print(
             f"harvest: {len(p.widths)} arrays x {p.n_sequences * p.context_length:,} tokens -> {out} "
-            f"(about {p.estimated_bytes / 1e9:.2f} GB in {p.n_shards} shards"
+            f"(about {_size(p.estimated_bytes)} in {p.n_shards} shards"
             + (f"; resuming after shard {start_shard - 1}" if start_shard else "") + ")",
             file=sys.stderr,
         )
@@ -279,7 +331,8 @@ def harvest(
                 have = seq_start + len(tokens)
                 raise HarvestError(
                     f"the corpus ran out after {have} sequences of {p.context_length} tokens "
-                    f"({have * p.context_length:,} tokens); lower harvest.n_tokens to at most that"
+                    f"({have * p.context_length:,} tokens); delete {out} (its shards were laid out for the larger "
+                    "harvest) and lower harvest.n_tokens to at most that"
                 )
             arrays = _shard_rows(model, np.stack(tokens), seq_start, p, grad_hps, excluded, config, bar.update)
             perm = np.random.default_rng([config.seed, k]).permutation(len(arrays["seq"]))  # seeded per shard
@@ -299,5 +352,7 @@ def harvest(
         if failure:
             raise failure[0]
     finally:
+        if writing is not None:  # never leave a shard write running past the lock (an error above, Ctrl-C)
+            writing.join()
         bar.close()
     return writer.finish()

@@ -40,14 +40,19 @@ class BatchLoader:
         mix_shards: int = 4,
         prefetch: int = 4,
         as_jax: bool = False,
+        verify: bool = False,
     ):
+        """`verify` checks each shard's sha256 as it is read (one read; see ActivationCache.shard_arrays).
+        The folder is always checked against the manifest first, so no shard is silently left out."""
         if isinstance(keys, str):
             keys = [keys]
         valid = cache.keys()
         bad = [k for k in keys if k not in valid]
         if bad:
             raise CacheError(f"the cache at {cache.path} has no {', '.join(map(repr, bad))}; it holds: {', '.join(valid)}")
+        cache.check_folder()
         self.cache, self.keys, self.batch_size, self.split = cache, list(keys), int(batch_size), split
+        self.verify = verify
         self.seed, self.mix_shards, self.prefetch, self.as_jax = seed, max(1, int(mix_shards)), max(0, int(prefetch)), as_jax
         self.shard_ids = cache.shard_ids(split)
         self._shard_rows = {i: cache.shards[i]["rows"] for i in self.shard_ids}
@@ -66,7 +71,7 @@ class BatchLoader:
 
     def _load_window(self, epoch: int, w: int, shards: list[int]) -> dict[str, np.ndarray]:
         """The window's rows for every key, in stored dtype, permuted."""
-        parts = [self.cache.shard_arrays(i, self.keys) for i in shards]
+        parts = [self.cache.shard_arrays(i, self.keys, verify=self.verify) for i in shards]
         rows = sum(self._shard_rows[i] for i in shards)
         perm = np.random.default_rng([self.seed, epoch, w, 1]).permutation(rows)
         dest = np.empty_like(perm)

@@ -40,14 +40,14 @@ def configs_from(data: dict, where: str):
 
 
 def run(args: HarvestArgs) -> Path:
-    from dictlearn.activations.corpus import local_files, is_local
+    from dictlearn.activations.corpus import check_corpus, is_local
     from dictlearn.activations.harvest import harvest
     from dictlearn.cli.common import out_dir, read_run_config
 
     data = read_run_config(args.config, args.set)
     model_cfg, corpus_cfg, harvest_cfg = configs_from(data, str(args.config))
     if is_local(corpus_cfg.path):
-        local_files(corpus_cfg.path)  # a bad corpus path fails before the model loads
+        check_corpus(corpus_cfg)  # a bad corpus path, field or an empty corpus fails before the model loads
     out = out_dir(data, args.config) / "cache"
     cache = harvest(model_cfg.load(), corpus_cfg, harvest_cfg, out)
     print(cache.summary())
@@ -61,10 +61,11 @@ def main(argv: list[str]) -> int:
     from dictlearn.activations.harvest import HarvestError
     from dictlearn.activations.hookpoints import HookpointError
     from dictlearn.config import ConfigError
+    from dictlearn.files import LockedError
 
     try:
         run(args)
-    except (ConfigError, CacheError, CorpusError, HarvestError, HookpointError, FileNotFoundError) as e:
+    except (ConfigError, CacheError, CorpusError, HarvestError, HookpointError, LockedError, FileNotFoundError) as e:
         print(f"dictlearn harvest: {e}", file=sys.stderr)
         return 1
     return 0
