@@ -16,11 +16,11 @@ Metrics, averaged over the next-token predictions t of non-special positions (SA
   kl_*            = mean_t KL(p_clean(.|t) || p_run(.|t))                  (kl of the clean run is 0)
   kl_score        = (kl_ablated - kl_spliced) / kl_ablated
 
-Speed. The clean pass runs once per batch of sequences and also captures the input of every decoder block a
-decomposer lives in; the ablated pass runs once per distinct `hookpoint_out`; both are shared by every
-decomposer. Ablated and spliced passes resume from the captured block input (blocks L..end, final norm, LM
-head) instead of re-running the layers below L. The resumed forward is checked against the clean logits on
-the first batch and replaced by full forwards if they disagree (a model family it does not fit).
+Speed. The clean pass runs once per batch of sequences and also records the input and call arguments of every
+decoder block; the ablated pass runs once per distinct `hookpoint_out`; both are shared by every decomposer.
+Ablated and spliced passes resume from the recorded block input (blocks L..end with their recorded arguments,
+final norm, LM head) instead of re-running the layers below L. The resumed forward is checked against the clean
+logits on the first batch and replaced by full forwards, with a message, if it fails or disagrees.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from flax import nnx
 
+from dictlearn.activations import families
 from dictlearn.activations import hookpoints as hpmod
 from dictlearn.eval.reconstruction import reconstruct
 
 RESUME_TOLERANCE = 1e-3  # max |logit difference| between resumed and full forward to trust resuming
-_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
 class DownstreamError(ValueError):
@@ -49,35 +49,50 @@ class DownstreamError(ValueError):
 
 # --- resuming a forward from a decoder block's input --------------------------------------------------------------
 class ResumedForward:
-    """Runs decoder blocks L..end, the final norm and the LM head on a captured block input.
+    """Runs decoder blocks L..end, the final norm, the LM head (and the family's logit softcap) on a block input.
 
-    Fits decoder-only models whose blocks take (hidden, attention_mask=None, position_ids, position_embeddings)
-    and whose attention is causal without a mask (Llama, Mistral, Qwen2, SmolLM2, ... loaded with sdpa)."""
+    Each block is called with the very arguments it got in a recorded clean forward (attention masks, rotary
+    embeddings of its layer type, position ids), so no family's mask or rotary call is rebuilt here: record
+    a forward with `recording(layers)`, then call `logits(hidden, layer)` for inputs of that batch's shape."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        layers_path = hpmod.decoder_layers_path(model)
-        self.layers = model.get_submodule(layers_path)
-        base_path = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
-        self.base = model.get_submodule(base_path) if base_path else model
-        self.norm = next((getattr(self.base, n) for n in _FINAL_NORMS if isinstance(getattr(self.base, n, None), torch.nn.Module)), None)
-        self.head = model.get_output_embeddings()
-        self.rotary = getattr(self.base, "rotary_emb", None)
-        if self.norm is None or self.head is None:
-            raise DownstreamError(f"{type(model).__name__}: no final norm or LM head found; cannot resume a forward")
+        self.layers = model.get_submodule(families.family_of(model).layers)
+        self._calls: dict[int, tuple[tuple, dict, bool]] = {}  # layer -> (other args, kwargs, hidden by keyword)
+
+    @contextlib.contextmanager
+    def recording(self, layers: list[int] | tuple[int, ...] = ()) -> Iterator[dict[int, torch.Tensor]]:
+        """Records every block's call arguments during the forwards run inside; yields {layer: block input} for
+        the given layers."""
+        inputs: dict[int, torch.Tensor] = {}
+        wanted = set(layers)
+        handles = []
+        for i, block in enumerate(self.layers):
+            def pre(mod, args, kwargs, i=i):
+                by_keyword = not (args and isinstance(args[0], torch.Tensor))
+                hidden = kwargs["hidden_states"] if by_keyword else args[0]
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self._calls[i] = (tuple(args if by_keyword else args[1:]), rest, by_keyword)
+                if i in wanted:
+                    inputs[i] = hidden.detach()
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            yield inputs
+        finally:
+            for h in handles:
+                h.remove()
 
     def logits(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits of the model given the input of block `layer` (B, T, d)."""
-        b, t = hidden.shape[:2]
-        position_ids = torch.arange(t, device=hidden.device).unsqueeze(0).expand(b, t)
-        kwargs = {"attention_mask": None, "position_ids": position_ids}
-        if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=position_ids)
+        """Logits of the model given the input of block `layer` (B, T, d), from the recorded block arguments."""
+        missing = [i for i in range(layer, len(self.layers)) if i not in self._calls]
+        if missing:
+            raise DownstreamError(f"no recorded forward for blocks {missing}; run one inside recording() first")
         h = hidden
-        for block in self.layers[layer:]:
-            out = block(h, **kwargs)
+        for i in range(layer, len(self.layers)):
+            args, kwargs, by_keyword = self._calls[i]
+            out = self.layers[i](*args, hidden_states=h, **kwargs) if by_keyword else self.layers[i](h, *args, **kwargs)
             h = out if isinstance(out, torch.Tensor) else out[0]
-        return self.head(self.norm(h))
+        return families.final_logits(self.model, h)
 
 
 # --- splicing a decomposer in ----------------------------------------------------------------------------------
@@ -181,6 +196,15 @@ class DownstreamResult:
         }
 
 
+def _resume_problem(resumer: ResumedForward, inputs: dict[int, torch.Tensor], layer: int, logits: torch.Tensor) -> str | None:
+    """Why resuming from `layer` cannot be trusted for this model (None: it reproduces the clean logits)."""
+    try:
+        diff = float((resumer.logits(inputs[layer], layer) - logits).abs().max())
+    except Exception as e:  # a family whose blocks cannot be replayed: the full forward still works
+        return f"failed ({type(e).__name__}: {e})"
+    return f"differs from the full one by {diff:.2e}" if diff > RESUME_TOLERANCE else None
+
+
 @dataclass
 class _Entry:
     name: str
@@ -225,13 +249,12 @@ def evaluate_downstream(
         entries.append(_Entry(name, hp_in, hp_out, layer, reconstruction_fn(d)))
     outs = sorted({e.hp_out.name for e in entries})
     layers_needed = sorted({e.layer for e in entries if e.layer is not None})
-    block_inputs = {L: hpmod.resolve(model, f"resid_pre.{L}", probe_widths=False)[0] for L in layers_needed}
     resumer = None
     if resume and layers_needed:
         try:
             resumer = ResumedForward(model)
-        except (DownstreamError, hpmod.HookpointError):
-            resumer = None
+        except hpmod.HookpointError as e:
+            print(f"downstream: cannot resume forwards ({e}); using full forwards")
     excluded = torch.as_tensor(np.asarray(list(excluded_token_ids), dtype=np.int64))
     clean, ablated = _Sums(), {o: _Sums() for o in outs}
     checked = False
@@ -241,17 +264,15 @@ def evaluate_downstream(
         keep = ~torch.isin(ids, excluded) if excluded.numel() else torch.ones_like(ids, dtype=torch.bool)
         valid = keep[:, :-1]
         with torch.no_grad():
-            with hpmod.capture(model, list(block_inputs.values())) as acts:
+            with resumer.recording(layers_needed) if resumer is not None else contextlib.nullcontext({}) as inputs:
                 logits = hpmod.run_forward(model, ids).logits
-            inputs = {L: acts[h.name] for L, h in block_inputs.items()}
             clean_logp, ce = _next_token_ce(logits, ids)
             clean_p = clean_logp.exp()
             clean.add(ce, None, valid)
             if resumer is not None and not checked:
-                L0 = layers_needed[0]
-                diff = float((resumer.logits(inputs[L0], L0) - logits).abs().max())
-                if diff > RESUME_TOLERANCE:
-                    print(f"downstream: resumed forward differs from the full one by {diff:.2e}; using full forwards")
+                problem = _resume_problem(resumer, inputs, layers_needed[0], logits)
+                if problem:
+                    print(f"downstream: the resumed forward {problem}; using full forwards")
                     resumer = None
                 checked = True
             del logits

@@ -57,11 +57,11 @@ def test_resumed_forward_equals_full_forward(smol, seqs):
 
     resumer = ResumedForward(smol.model)
     layers = [0, LAYER, 29]
-    hps = hp.resolve(smol.model, [f"resid_pre.{L}" for L in layers], probe_widths=False)
-    with torch.no_grad(), hp.capture(smol.model, hps) as acts:
-        full = hp.run_forward(smol.model, ids).logits
-        for L, h in zip(layers, hps):
-            resumed = resumer.logits(acts[h.name], L)
+    with torch.no_grad():
+        with resumer.recording(layers) as inputs:
+            full = hp.run_forward(smol.model, ids).logits
+        for L in layers:
+            resumed = resumer.logits(inputs[L], L)
             assert float((resumed - full).abs().max()) < 1e-4, L
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dictlearn.activations.families import load_options
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -102,7 +104,7 @@ def load_model(
     revision: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer. `name`: hub id, local folder, or path to a .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"model dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -127,8 +129,9 @@ def load_model(
     kwargs = dict(trust_remote_code=trust_remote_code)
     if revision and not path.exists():
         kwargs["revision"] = revision
-    # sdpa: causal masking even when a layer is run on its own with attention_mask=None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], attn_implementation="sdpa", **kwargs)
+    # sdpa unless the family needs something else (Gemma 2: eager, see families.FAMILIES)
+    options = {"attn_implementation": "sdpa", **load_options(AutoConfig.from_pretrained(folder, **kwargs).model_type)}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], **options, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model.to(device).eval()
     model.requires_grad_(False)
