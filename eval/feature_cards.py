@@ -3,10 +3,11 @@
 A card holds a feature's firing frequency, mean activation (over the tokens it fires on) and max activation
 on the evaluated rows, its top activating contexts (a window of tokens around each of its strongest rows,
 taken from the cache's stored token ids, the row's own token highlighted), and its vocabulary projection:
-the tokens whose logits the feature's direction raises most when written into the residual stream,
-logits = W_U (g * v), with v the direction, g the final norm's gain and W_U the unembedding. A direction
-in the MLP hidden layer (semi-NMF, or anything writing `mlp_hidden`) is first mapped to the residual
-stream through the MLP's output projection, v = W_down f.
+the tokens whose logits the feature's direction raises most along the direct path to the logits,
+logits = W_U (g * v), with v the direction, g the product of every norm gain between its hookpoint and the
+logits (a post-norm's for a pre-norm output, the final norm's; Gemma's RMSNorms multiply by 1 + w) and W_U the
+unembedding (dictlearn.activations.families.logit_lens). A direction in the MLP hidden layer (semi-NMF, or
+anything writing `mlp_hidden`) is first mapped through the MLP's output projection, v = f W_out.
 
 Layout of feature_cards/<name>/: cards.json (the selected features' cards), features.json (frequency,
 mean and max activation of every feature), index.html and features/<index>.html (no JavaScript, no
@@ -23,59 +24,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dictlearn.activations import families
 from dictlearn.activations import hookpoints as hpmod
 
-_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
-
-
-def residual_directions(model: torch.nn.Module, hookpoint: hpmod.Hookpoint, directions: np.ndarray) -> np.ndarray | None:
-    """Feature directions (n, d) in the residual stream, or None when the hookpoint's space maps to none.
-
-    Residual-stream, attention-output and MLP-output hookpoints already live there; the input of a linear
-    output projection (mlp_hidden) is mapped through its weight."""
-    d_model = model.get_output_embeddings().weight.shape[1]
-    directions = np.asarray(directions, np.float32)
-    if directions.shape[1] == d_model:
-        return directions
-    module = model.get_submodule(hookpoint.module_path)
-    if hookpoint.site != "input":
-        return None
-    weight = getattr(module, "weight", None)
-    if isinstance(module, torch.nn.Linear) and module.in_features == directions.shape[1] and module.out_features == d_model:
-        return directions @ weight.detach().float().cpu().numpy().T
-    if type(module).__name__ == "Conv1D" and tuple(weight.shape) == (directions.shape[1], d_model):  # GPT-2: x @ W
-        return directions @ weight.detach().float().cpu().numpy()
-    return None
-
-
-def _final_gain(model: torch.nn.Module) -> np.ndarray | None:
-    base = model.get_submodule(hpmod.decoder_layers_path(model).rsplit(".", 1)[0])
-    for n in _FINAL_NORMS:
-        w = getattr(getattr(base, n, None), "weight", None)
-        if isinstance(w, torch.Tensor):
-            return w.detach().float().cpu().numpy()
-    return None
-
-
-def vocab_projection(model: torch.nn.Module, hookpoint: hpmod.Hookpoint, directions: np.ndarray, k: int = 10,
+def vocab_projection(model: torch.nn.Module, hookpoint: hpmod.Hookpoint | str, directions: np.ndarray, k: int = 10,
                      chunk: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
     """(token ids (n, k), logit values (n, k)) of the tokens each direction promotes most; None if unmappable.
 
-    Chunked over features, so projecting a whole dictionary never holds more than chunk x vocab logits."""
-    resid = residual_directions(model, hookpoint, directions)
-    if resid is None:
+    Directions at an MLP hidden site go through the output projection first (families.to_residual); then every
+    norm gain between there and the logits applies (families.logit_lens). Chunked over features, so projecting
+    a whole dictionary never holds more than chunk x vocab logits."""
+    name = hookpoint.name if isinstance(hookpoint, hpmod.Hookpoint) else hookpoint
+    try:
+        where, resid = families.to_residual(model, name, directions)
+        return families.logit_lens(model, where).top_tokens(resid, k=k, chunk=chunk)
+    except hpmod.HookpointError:
         return None
-    gain = _final_gain(model)
-    if gain is not None:
-        resid = resid * gain
-    w_u = model.get_output_embeddings().weight.detach().float()
-    ids, vals = [], []
-    for i in range(0, len(resid), chunk):
-        logits = torch.from_numpy(np.ascontiguousarray(resid[i : i + chunk])) @ w_u.T
-        v, j = torch.topk(logits, min(k, logits.shape[1]), dim=1)
-        ids.append(j.numpy())
-        vals.append(v.numpy())
-    return np.concatenate(ids), np.concatenate(vals)
 
 
 def select_features(frequency: np.ndarray, n: int, seed: int = 0) -> list[int]:

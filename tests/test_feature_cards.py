@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dictlearn.activations import hookpoints as hp
-from dictlearn.eval.feature_cards import build_cards, residual_directions, select_features, vocab_projection, write_cards
+from dictlearn.activations import families
+from dictlearn.eval.feature_cards import build_cards, select_features, vocab_projection, write_cards
 
 
 class FakeTokenizer:
@@ -95,6 +96,10 @@ def test_hidden_directions_map_through_the_output_projection(tiny_gpt2):
     hidden = hp.resolve(tiny_gpt2, ["mlp_hidden.1"])[0]
     assert hidden.width == 128
     f = np.random.default_rng(1).normal(size=(3, 128)).astype(np.float32)
-    mapped = residual_directions(tiny_gpt2, hidden, f)
+    where, mapped = families.to_residual(tiny_gpt2, hidden.name, f)
+    assert where == "mlp_out.1"
     np.testing.assert_allclose(mapped, f @ tiny_gpt2.transformer.h[1].mlp.c_proj.weight.detach().numpy(), rtol=1e-5)
-    assert residual_directions(tiny_gpt2, hp.resolve(tiny_gpt2, ["mlp_in.1"])[0], f) is None  # not a residual space
+    ids, _ = vocab_projection(tiny_gpt2, hidden, f, k=3)
+    lens = families.logit_lens(tiny_gpt2, "mlp_out.1")(mapped)
+    np.testing.assert_array_equal(ids, np.argsort(-lens, axis=1)[:, :3])
+    assert vocab_projection(tiny_gpt2, hp.resolve(tiny_gpt2, ["mlp_in.1"])[0], f) is None  # not a residual space
