@@ -107,3 +107,27 @@ def test_readme_setup_commands_are_what_ci_runs(which):
     command = ci_commands()[which]
     assert any(command in block for block in blocks), (
         f"README.md has no set-up command containing {command!r} (the command .ci/run runs); keep them identical")
+
+
+def test_readme_config_is_a_valid_run_config():
+    """The README's one config parses table by table with the classes the reference documents."""
+    import tomllib
+
+    from dictlearn.config import from_dict
+    from dictlearn.decomposers.base import REGISTRY
+
+    gen = generator()
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    data = tomllib.loads(block)
+    for section, class_name, _ in gen.SECTIONS:
+        table = data
+        for part in section.split("."):
+            table = table.get(part, {})
+        from_dict(gen.find_class(class_name), table, where=f"README [{section}]")
+    table_keys = {name for name, *_ in gen.TABLE_KEYS}
+    for table in data["decomposers"]:
+        cls = REGISTRY[table["kind"]]
+        rest = {k: v for k, v in table.items() if k not in table_keys}
+        rest.update(d_in=576, d_out=576, n_features=int(table["expansion"] * 576))
+        from_dict(cls.config_cls, rest, where=f"README [[decomposers]] {table['name']!r}")
