@@ -236,6 +236,33 @@ def anchor(title: str) -> str:
     return slug.replace(" ", "-")
 
 
+def trainer_options(kind_cls: type) -> type | None:
+    """The dataclass of per-table options of the trainer that fits this kind (`OPTIONS` in
+    dictlearn.trainers.<trainer>, the trainer named by the kind's `trainer` attribute), if the code has one;
+    else a dataclass whose docstring declares itself the `[[decomposers]]` table of this kind."""
+    name = getattr(kind_cls, "trainer", "sgd")
+    try:
+        options = getattr(importlib.import_module(f"dictlearn.trainers.{name}"), "OPTIONS", None)
+    except ImportError:
+        options = None
+    if options is not None and dataclasses.is_dataclass(options):
+        return options
+    pattern = re.compile(r"`\[\[decomposers\]\]` table with kind = \"" + re.escape(kind_cls.kind) + "\"")
+    for module, path in sorted(module_files().items()):
+        for node in parsed(path).body:
+            if isinstance(node, ast.ClassDef) and pattern.search(ast.get_docstring(node) or ""):
+                cls = getattr(importlib.import_module(module), node.name)
+                if dataclasses.is_dataclass(cls):
+                    return cls
+    return None
+
+
+def stage_keys(options: list[type | None]) -> list[tuple[str, str, str, str]]:
+    """The table keys the train stage reads itself; `lr` only where no trainer's options declare it."""
+    declared = {f.name for o in options if o is not None for f in dataclasses.fields(o)}
+    return [k for k in TABLE_KEYS if k[0] not in declared or k[0] in ("name", "kind", "expansion")]
+
+
 def kind_sections(lines: list[str]) -> None:
     import dictlearn.decomposers  # noqa: F401  (registers every kind)
     from dictlearn.decomposers.base import REGISTRY
@@ -243,22 +270,30 @@ def kind_sections(lines: list[str]) -> None:
     base_cls = find_class(BASE_DECOMPOSER_CONFIG)
     base_names = [f.name for f in dataclasses.fields(base_cls) if f.init]
     kinds = sorted(REGISTRY)
-    # Fields grouped by the class that declares them; a group used by two or more kinds is written once.
-    groups: dict[type, list[str]] = {}
+    options = {kind: trainer_options(REGISTRY[kind]) for kind in kinds}
+    table_keys = stage_keys(list(options.values()))
+    skip = set(base_names) | {k[0] for k in table_keys}
+    # Keys grouped by the class that declares them (a config mixin, or a trainer's options); a group used by
+    # two or more kinds is written once. group -> (class to read the keys from, key names).
+    groups: dict[type, tuple[type, list[str]]] = {}
     users: dict[type, list[str]] = {}
     per_kind: dict[str, list[type]] = {}
     for kind in kinds:
         cfg = REGISTRY[kind].config_cls
         order: list[type] = []
-        for f in dataclasses.fields(cfg):
-            if not f.init or f.name in base_names:
-                continue
-            owner = defining_class(cfg, f.name)
-            groups.setdefault(owner, [])
-            if f.name not in groups[owner]:
-                groups[owner].append(f.name)
-            if owner not in order:
-                order.append(owner)
+        seen: set[str] = set()
+        sources = [(cfg, True)] + ([(options[kind], False)] if options[kind] is not None else [])
+        for source, is_config in sources:
+            for f in dataclasses.fields(source):
+                if not f.init or f.name in skip or f.name in seen:
+                    continue
+                seen.add(f.name)
+                owner = defining_class(source, f.name) if is_config else source
+                names = groups.setdefault(owner, (source, []))[1]
+                if f.name not in names:
+                    names.append(f.name)
+                if owner not in order:
+                    order.append(owner)
         per_kind[kind] = order
         for owner in order:
             users.setdefault(owner, []).append(kind)
@@ -268,52 +303,27 @@ def kind_sections(lines: list[str]) -> None:
     lines += ["## `[[decomposers]]`", "",
               "One table per dictionary to train. Keys read by the train stage itself:", "",
               "| key | type | default | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{n}` | `{t}` | {d or '—'} | {c} |" for n, t, d, c in TABLE_KEYS]
+    lines += [f"| `{n}` | `{t}` | {d or '—'} | {c} |" for n, t, d, c in table_keys]
     lines += ["", f"Keys of every kind (`{base_cls.__name__}`; `d_in` and `d_out` are filled in from the cache's "
               "hookpoint widths, and `n_features` may be given as `expansion`):", ""]
     lines += table(keys_of(base_cls))
     lines.append("")
     for group in shared:
-        title = f"Shared keys: {group.__name__}"
-        lines += [f"### {title}", "", f"Used by {', '.join(f'`{k}`' for k in users[group])}. {summary(group)}".strip(), ""]
-        lines += table(keys_of(REGISTRY[users[group][0]].config_cls, groups[group]))
-        lines.append("")
+        source, names = groups[group]
+        lines += [f"### Shared keys: {group.__name__}", "",
+                  f"Used by {', '.join(f'`{k}`' for k in users[group])}. {summary(group)}".strip(), ""]
+        lines += table(keys_of(source, names)) + [""]
     for kind in kinds:
         cls = REGISTRY[kind]
-        cfg = cls.config_cls
-        lines += [f'### kind = "{kind}"', "", f"`{cls.__module__}.{cls.__name__}`, config `{cfg.__name__}`. {summary(cls)}".strip(), ""]
+        lines += [f'### kind = "{kind}"', "",
+                  f"`{cls.__module__}.{cls.__name__}`, config `{cls.config_cls.__name__}`. {summary(cls)}".strip(), ""]
         also = [g for g in per_kind[kind] if g in shared]
         if also:
             lines += ["Also takes the shared keys of " + ", ".join(
                 f"[{g.__name__}](#{anchor(f'Shared keys: {g.__name__}')})" for g in also) + ".", ""]
-        own = [n for g in per_kind[kind] if g not in shared for n in groups[g]]
-        trainer_table = trainer_table_class(kind)
-        if trainer_table is not None:
-            extra = [k for k in keys_of(trainer_table) if k.name not in own and k.name not in base_names
-                     and k.name not in {n for n, *_ in TABLE_KEYS}]
-        else:
-            extra = []
-        keys = keys_of(cfg, own) + extra
-        if keys:
-            lines += table(keys)
-        else:
-            lines.append("No keys of its own.")
-        if trainer_table is not None:
-            lines += ["", f"(Solver keys from `{trainer_table.__module__}.{trainer_table.__name__}`.)"]
+        keys = [k for g in per_kind[kind] if g not in shared for k in keys_of(groups[g][0], groups[g][1])]
+        lines += table(keys) if keys else ["No keys of its own."]
         lines.append("")
-
-
-def trainer_table_class(kind: str) -> type | None:
-    """A dataclass that declares itself the `[[decomposers]]` table of this kind in its docstring, if any
-    (today: semi-NMF's solver options, read by its trainer rather than by the kind's config)."""
-    pattern = re.compile(r"`\[\[decomposers\]\]` table with kind = \"" + re.escape(kind) + "\"")
-    for module, path in sorted(module_files().items()):
-        for node in parsed(path).body:
-            if isinstance(node, ast.ClassDef) and pattern.search(ast.get_docstring(node) or ""):
-                cls = getattr(importlib.import_module(module), node.name)
-                if dataclasses.is_dataclass(cls):
-                    return cls
-    return None
 
 
 def render() -> str:
