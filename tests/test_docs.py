@@ -131,3 +131,28 @@ def test_readme_config_is_a_valid_run_config():
         rest = {k: v for k, v in table.items() if k not in table_keys}
         rest.update(d_in=576, d_out=576, n_features=int(table["expansion"] * 576))
         from_dict(cls.config_cls, rest, where=f"README [[decomposers]] {table['name']!r}")
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """Cells of the markdown table right under `heading` (header and rule rows left out)."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return rows
+
+
+def test_readme_headline_figures_match_the_benchmark_log():
+    """Each headline row's command is in docs/benchmarks.md and every number it quotes is in that row."""
+    readme = (ROOT / "README.md").read_text()
+    log = {row[-1]: row for row in table_rows((ROOT / "docs" / "benchmarks.md").read_text(), "# Benchmarks")}
+    headline = table_rows(readme, "## Headline figures")
+    assert headline
+    for what, figure, command in headline:
+        assert command in log, f"README headline {what!r}: command {command} is not in docs/benchmarks.md"
+        numbers = set(re.findall(r"\d[\d,.]*\d|\d", figure))
+        missing = sorted(n for n in numbers if n not in log[command][1])
+        assert not missing, f"README headline {what!r} quotes {missing}, which docs/benchmarks.md's row lacks"
