@@ -1,11 +1,20 @@
-"""Shared fixtures: the real SmolLM2 model and corpus from ../shared/assets, and a tiny random GPT-2."""
+"""Shared fixtures: the real SmolLM2 model and corpus from ../shared/assets, a tiny random GPT-2, caches from
+both, a minimal training loop over the decomposer protocol, and constructed decomposers with known answers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+from flax import nnx
+
+from dictlearn.decomposers.base import REGISTRY, Decomposer, DecomposerConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,3 +108,154 @@ def tiny_harvest(tiny_loaded, tmp_path):
         return harvest(tiny_loaded, corpus, HarvestConfig(**kw), out or tmp_path / "cache", progress=False)
 
     return make
+
+
+# --- a minimal Adam loop over the decomposer protocol (tests that must not depend on the trainers) ----------------
+def adam_steps(model, data: dict[str, np.ndarray], steps: int, batch_size: int, lr: float = 1e-3, seed: int = 0,
+               init: bool = True, decay: bool = False) -> dict[str, np.ndarray]:
+    """(Optionally) init from a data sample, then `steps` Adam steps on random minibatches, updating `model` in
+    place, with the SGD trainer's hook order (loss_and_grads, project_grads, Adam, after_step); returns every
+    step's metrics, stacked (index -1: the last step). Steps run in one jitted lax.scan, so a few hundred small
+    steps cost well under a second. decay: the learning rate falls linearly to a tenth over the last 40%."""
+    rows = next(iter(data.values())).shape[0]
+    if init:
+        model.init_from_data(jnp.asarray(data["x"][:2048]), jnp.asarray(data["y"][:2048]))
+    schedule = lr
+    if decay:
+        hold = int(steps * 0.6)
+        schedule = optax.join_schedules([optax.constant_schedule(lr), optax.linear_schedule(lr, lr / 10, steps - hold)], [hold])
+    opt = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
+    graph, state = nnx.split((model, opt))
+    idx = np.random.default_rng(seed).integers(0, rows, (steps, batch_size))
+    batches = {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+    def one(state, batch):
+        model, opt = nnx.merge(graph, state)
+        (loss, metrics), grads = model.loss_and_grads(batch)
+        opt.update(model, model.project_grads(grads))
+        model.after_step(metrics)
+        return nnx.state((model, opt)), {**metrics, "loss": loss}
+
+    state, metrics = jax.jit(lambda s, b: jax.lax.scan(one, s, b))(state, batches)
+    nnx.update((model, opt), state)
+    return jax.device_get(metrics)
+
+
+@pytest.fixture(scope="session")
+def train_steps():
+    """`adam_steps` (see there): train a decomposer a few steps on in-memory data."""
+    return adam_steps
+
+
+# --- constructed decomposers with known answers, for the evaluation-suite tests (not registered kinds) -----------
+class SplitIdentity(Decomposer):
+    """codes = scale * [relu(x), relu(-x)], decode = (pos - neg) / scale * gain: with gain 1, decode(encode(x)) == x exactly."""
+
+    kind = "test_split_identity"
+
+    def __init__(self, d: int, hookpoint: str = "resid_post.0", scale: float = 1.0, gain: float = 1.0):
+        self.config = DecomposerConfig(d_in=d, n_features=2 * d, hookpoint_in=hookpoint)
+        self.scale, self.gain = scale, gain
+
+    def encode(self, x):
+        return self.scale * jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+
+    def decode(self, codes):
+        d = self.config.d_in
+        return (codes[..., :d] - codes[..., d:]) * (self.gain / self.scale)
+
+    def features(self):
+        eye = jnp.eye(self.config.d_in)
+        return jnp.concatenate([eye, -eye]) * self.gain
+
+
+class AllZero(Decomposer):
+    """Encodes everything to no active feature and decodes to zero: the ablation baseline."""
+
+    kind = "test_all_zero"
+
+    def __init__(self, d_in: int, n_features: int, d_out: int | None = None, hookpoint_in: str = "resid_post.0",
+                 hookpoint_out: str = ""):
+        self.config = DecomposerConfig(d_in=d_in, n_features=n_features, d_out=d_out, hookpoint_in=hookpoint_in,
+                                       hookpoint_out=hookpoint_out)
+
+    def encode(self, x):
+        return jnp.zeros(x.shape[:-1] + (self.config.n_features,), x.dtype)
+
+    def decode(self, codes):
+        return jnp.zeros(codes.shape[:-1] + (self.config.d_out,), codes.dtype)
+
+    def features(self):
+        return jnp.zeros((self.config.n_features, self.config.d_out))
+
+
+class LinearReLU(Decomposer):
+    """codes = relu(x W_enc + b_enc), out = codes W_dec + b_dec, with weights given (a known transcoder/SAE)."""
+
+    kind = "test_linear_relu"
+
+    def __init__(self, w_enc, b_enc, w_dec, b_dec, hookpoint_in: str = "resid_post.0", hookpoint_out: str = ""):
+        w_enc, w_dec = np.asarray(w_enc, np.float32), np.asarray(w_dec, np.float32)
+        self.config = DecomposerConfig(d_in=w_enc.shape[0], n_features=w_enc.shape[1], d_out=w_dec.shape[1],
+                                       hookpoint_in=hookpoint_in, hookpoint_out=hookpoint_out)
+        self.w_enc, self.b_enc = nnx.Param(jnp.asarray(w_enc)), nnx.Param(jnp.asarray(b_enc, jnp.float32))
+        self.w_dec, self.b_dec = nnx.Param(jnp.asarray(w_dec)), nnx.Param(jnp.asarray(b_dec, jnp.float32))
+
+    def encode(self, x):
+        return jax.nn.relu(x @ self.w_enc[...] + self.b_enc[...])
+
+    def decode(self, codes):
+        return codes @ self.w_dec[...] + self.b_dec[...]
+
+    def features(self):
+        return self.w_dec[...]
+
+
+class SavedLinear(Decomposer):
+    """A loadable kind (build/save/load round trip) for end-to-end runs of the suite: relu(x W_enc + b) W_dec.
+
+    Never registered at import: the `saved_linear_kind` fixture registers it for one test and removes it
+    afterwards, so code that walks the registry (export, configs, test_every_kind) never meets it."""
+
+    kind = "test_saved_linear"
+
+    def __init__(self, config: DecomposerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        k1, k2 = rngs.params(), rngs.params()
+        self.W_enc = nnx.Param(jax.random.normal(k1, (config.d_in, config.n_features)) / np.sqrt(config.d_in))
+        self.b_enc = nnx.Param(jnp.zeros((config.n_features,)))
+        self.W_dec = nnx.Param(jax.random.normal(k2, (config.n_features, config.d_out)) / np.sqrt(config.n_features))
+
+    def encode(self, x):
+        return jax.nn.relu(x @ self.W_enc[...] + self.b_enc[...])
+
+    def decode(self, codes):
+        return codes @ self.W_dec[...]
+
+    def features(self):
+        return self.W_dec[...]
+
+
+@contextlib.contextmanager
+def registered_saved_linear():
+    """SavedLinear in the registry for the duration of the block only."""
+    REGISTRY[SavedLinear.kind] = SavedLinear
+    try:
+        yield SavedLinear
+    finally:
+        REGISTRY.pop(SavedLinear.kind, None)
+
+
+@pytest.fixture
+def saved_linear_kind():
+    """The SavedLinear class, registered as kind "test_saved_linear" for this test only."""
+    with registered_saved_linear() as cls:
+        yield cls
+
+
+@pytest.fixture(scope="session")
+def known_decomposers():
+    """The constructed decomposers with known answers: .SplitIdentity, .AllZero, .LinearReLU, .SavedLinear."""
+    import types
+
+    return types.SimpleNamespace(SplitIdentity=SplitIdentity, AllZero=AllZero, LinearReLU=LinearReLU, SavedLinear=SavedLinear)

@@ -10,32 +10,54 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from sae_training_loop import train
 
 import dictlearn.decomposers as D
 from dictlearn.config import ConfigError
 from dictlearn.decomposers import base
 from dictlearn.decomposers.sae import SparseCoder, geometric_median
+from dictlearn.decomposers.transcoder import SPARSITIES
 
 D_IN, D_OUT, N, B = 8, 6, 32, 64
-SPARSE_KINDS = ["relu", "topk", "batchtopk", "jumprelu", "gtopk", "transcoder", "skip_transcoder"]
-# (kind, config overrides): every kind, and the transcoders with each sparsity mechanism.
-CASES = [
-    ("relu", {"l1_coefficient": 0.01, "l1_warmup_steps": 3}),
-    ("topk", {"k": 4, "dead_tokens": 128}),
-    ("batchtopk", {"k": 4, "dead_tokens": 128}),
-    ("jumprelu", {"initial_threshold": 0.05, "bandwidth": 0.1, "l0_coefficient": 0.01}),
-    ("gtopk", {"k": 4, "beta": 2.0}),
-    ("transcoder", {"sparsity": "topk", "k": 4}),
-    ("transcoder", {"sparsity": "jumprelu", "initial_threshold": 0.05, "bandwidth": 0.1}),
-    ("skip_transcoder", {"sparsity": "gtopk", "k": 4}),
-]
+TABLE_KEYS = ("hookpoint_in", "hookpoint_out", "expansion", "n_features")  # an example's keys that _config sets
+SPARSE_CODERS = sorted(k for k, cls in base.REGISTRY.items() if issubclass(cls, SparseCoder))
+# Mechanism settings for these tiny sizes (keys a mechanism does not read are left out by _case).
+MECHANISM_SETTINGS = {"k": 4, "dead_tokens": 128, "beta": 2.0, "initial_threshold": 0.05, "bandwidth": 0.1,
+                      "l0_coefficient": 0.01, "l1_coefficient": 0.01, "l1_warmup_steps": 3}
+
+
+def _mechanism(cls, overrides: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls.config_cls)}
+    if "sparsity" in fields:
+        return SPARSITIES[overrides.get("sparsity", fields["sparsity"].default)]
+    return cls.config_cls.mechanism_cls
+
+
+def _case(kind: str, sparsity: str | None = None) -> tuple[str, dict]:
+    """(kind, config overrides): the kind's example (or, given `sparsity`, that mechanism) at this file's sizes."""
+    cls = base.REGISTRY[kind]
+    overrides = {"sparsity": sparsity} if sparsity else {k: v for k, v in cls.example.items() if k not in TABLE_KEYS}
+    wanted = {f.name for mixin in _mechanism(cls, overrides).fields for f in dataclasses.fields(mixin)} | {"dead_tokens"}
+    overrides.update({k: v for k, v in MECHANISM_SETTINGS.items() if k in wanted})
+    return kind, overrides
+
+
+# Every registered SAE/transcoder kind with its own example, and each mechanism once on a kind that picks its
+# mechanism by a `sparsity` field: nothing here is a hand-kept list of kinds.
+CASES = [_case(kind) for kind in SPARSE_CODERS]
+_PICKERS = [k for k in SPARSE_CODERS if "sparsity" in {f.name for f in dataclasses.fields(base.REGISTRY[k].config_cls)}]
+_SEEN = {(k, _mechanism(base.REGISTRY[k], o)) for k, o in CASES}
+CASES += [_case(kind, name) for i, name in enumerate(sorted(SPARSITIES)) if _PICKERS
+          for kind in [_PICKERS[i % len(_PICKERS)]] if (kind, SPARSITIES[name]) not in _SEEN]
 IDS = [f"{k}-{o.get('sparsity', '')}".rstrip("-") for k, o in CASES]
+
+
+def _is_transcoder(kind: str) -> bool:
+    return base.REGISTRY[kind].transcoder
 
 
 def _config(kind: str, overrides: dict) -> dict:
     cfg = {"d_in": D_IN, "n_features": N, "hookpoint_in": "resid_post.3"}
-    if "transcoder" in kind:
+    if _is_transcoder(kind):
         cfg.update(d_out=D_OUT, hookpoint_in="mlp_in.3", hookpoint_out="mlp_out.3")
     return {**cfg, **overrides}
 
@@ -44,7 +66,7 @@ def _data(kind: str, rows: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, D_IN)).astype(np.float32) + 0.5
     data = {"x": x}
-    if "transcoder" in kind:
+    if _is_transcoder(kind):
         data["y"] = np.tanh(x @ rng.standard_normal((D_IN, D_OUT)).astype(np.float32)) + 0.2
     else:
         data["y"] = x
@@ -66,11 +88,23 @@ def _arrays(model) -> dict[str, np.ndarray]:
 # ---- registry and configs ----------------------------------------------------------------------
 
 
-def test_every_kind_is_registered():
-    assert set(SPARSE_KINDS) <= set(base.REGISTRY)
-    for kind in SPARSE_KINDS:
-        assert issubclass(base.REGISTRY[kind], SparseCoder)
-    assert base.REGISTRY["gtopk"].needs_grad and not base.REGISTRY["topk"].needs_grad
+def test_every_kind_in_the_package_is_registered():
+    """Discovery: every Decomposer subclass with a kind defined in a module of dictlearn/decomposers is registered."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    defined = {}
+    for info in pkgutil.iter_modules(D.__path__):
+        module = importlib.import_module(f"{D.__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, base.Decomposer) and cls.__module__ == module.__name__ and cls.kind:
+                defined[cls.kind] = cls
+    assert defined and all(base.REGISTRY.get(kind) is cls for kind, cls in defined.items())
+    assert {k for k, cls in base.REGISTRY.items() if cls.__module__.startswith(D.__name__)} == set(defined)
+    cfg = _config("topk", {"k": 4})
+    assert D.build("gtopk", cfg).needs_grad and not D.build("topk", cfg).needs_grad
+    assert D.build("gtopk", cfg).config.needs_grad and not D.build("topk", cfg).config.needs_grad
 
 
 @pytest.mark.parametrize("kind,overrides", CASES, ids=IDS)
@@ -79,7 +113,7 @@ def test_config_json_round_trip(kind, overrides):
     text = json.dumps(base.config_to_json(kind, model.config))
     cls, config = base.config_from_json(json.loads(text))
     assert cls is type(model) and config == model.config
-    assert dataclasses.asdict(config)["d_out"] == (D_OUT if "transcoder" in kind else D_IN)
+    assert dataclasses.asdict(config)["d_out"] == (D_OUT if _is_transcoder(kind) else D_IN)
 
 
 @pytest.mark.parametrize("kind,bad,message", [
@@ -170,19 +204,19 @@ def test_gradient_projection_and_renormalisation():
 
 
 @pytest.mark.parametrize("kind,overrides", CASES, ids=IDS)
-def test_trains_saves_loads_and_folds(kind, overrides, tmp_path):
+def test_trains_saves_loads_and_folds(kind, overrides, tmp_path, train_steps):
     """A few Adam steps on scaled data reduce the loss; save/load is exact; after folding the
     scales, reconstruction of raw data equals the in-training reconstruction / scale_out."""
-    s_in, s_out = 0.37, (2.3 if "transcoder" in kind else 0.37)
+    s_in, s_out = 0.37, (2.3 if _is_transcoder(kind) else 0.37)
     model = D.build(kind, _config(kind, overrides))
     data = _data(kind)
     scaled = {"x": data["x"] * s_in, "y": data["y"] * s_out, "grad": data["grad"] / s_out}
     if not model.needs_grad:
         del scaled["grad"]
-    metrics = train(model, scaled, steps=40, batch_size=B, lr=1e-2)
+    metrics = train_steps(model, scaled, steps=40, batch_size=B, lr=1e-2)
     assert np.all(np.isfinite(metrics["loss"])) and metrics["mse"][-5:].mean() < metrics["mse"][:5].mean()
     assert metrics["fired"].shape == (40, N) and metrics["fired"].dtype == bool
-    if "skip" in kind:
+    if model.skip:
         assert np.any(np.asarray(model.W_skip[...]))
 
     # Save / load round trip: every variable and the output.
@@ -268,10 +302,10 @@ def test_topk_dead_latents_counter_and_auxk():
     fired = np.asarray(metrics["fired"])
     assert fired.sum() <= 5 and float(metrics["auxk"]) == 0.0  # nobody dead yet: AuxK is off
     model.after_step(metrics)
-    counter = np.asarray(model.sparsity.tokens_since_fired[...])
+    counter = np.asarray(model.tokens_since_fired[...])
     np.testing.assert_array_equal(counter, np.where(fired, 0, B))
     model.after_step(metrics)  # 2 * B = 128 tokens > 100: the never-firing latents are now dead
-    assert np.asarray(model.sparsity.dead_mask()).sum() == N - fired.sum()
+    assert np.asarray(model.dead_mask()).sum() == N - fired.sum()
     (loss, metrics), grads = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(model)
     assert float(metrics["auxk"]) > 0 and float(metrics["dead_frac"]) == pytest.approx(1 - fired.mean())
     # AuxK is what gives the dead latents' encoder rows a gradient.

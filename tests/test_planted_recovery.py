@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sae_training_loop import train
 
 import dictlearn.decomposers as D
 
@@ -44,11 +43,11 @@ def data():
     ("batchtopk", {"k": K, "dead_tokens": 4096}, 1000, 1e-2),
     ("jumprelu", {"initial_threshold": 0.3, "bandwidth": 0.2, "l0_coefficient": 0.07, "l0_warmup_steps": 0}, 4000, 3e-3),
 ])
-def test_recovers_planted_atoms(data, kind, config, steps, lr):
+def test_recovers_planted_atoms(data, kind, config, steps, lr, train_steps):
     atoms, x = data
     model = D.build(kind, {"d_in": D_IN, "n_features": LATENTS, **config})
     before = recovered(atoms, model.features())
-    metrics = train(model, {"x": x, "y": x}, steps=steps, batch_size=512, lr=lr, decay=True)
+    metrics = train_steps(model, {"x": x, "y": x}, steps=steps, batch_size=512, lr=lr, decay=True)
     share = recovered(atoms, model.features())
     assert before < 0.05  # a random dictionary recovers nothing
     assert share >= 0.9, f"{kind} recovered {share:.1%} of the atoms (fvu {metrics['fvu'][-1]:.3f}, l0 {metrics['l0'][-1]:.2f})"

@@ -54,10 +54,19 @@ class DecomposerConfig:
 
 
 class Decomposer(nnx.Module):
-    """Base class: subclasses set `kind` and `config_cls` and implement the four methods below."""
+    """Base class: subclasses set `kind` and `config_cls` and implement the four methods below.
+
+    What the rest of dictlearn needs to know about a kind is asked of the kind itself, never of its name:
+    `trainer` (which trainer fits it), `export_format` (which writer exports it), `example` (a tiny
+    `[[decomposers]]` table the test suite runs every registered kind with) and `config.needs_grad`."""
 
     kind: ClassVar[str] = ""
     config_cls: ClassVar[type[DecomposerConfig]] = DecomposerConfig
+    trainer: ClassVar[str] = "sgd"  # "sgd" (trainers.sgd, gradient steps on `loss`) | "snmf" (the semi-NMF solver)
+    export_format: ClassVar[str] = ""  # "linear" (SAELens/sparsify via export.kinds.to_linear) | "snmf" | "": none
+    # A small [[decomposers]] table: hookpoints as alias stems without a layer ("resid_post", "mlp_in"), which
+    # tests complete with a layer; `expansion` or `n_features`; the kind's own keys at tiny-test values.
+    example: ClassVar[dict[str, Any]] = {}
     config: DecomposerConfig
 
     @property
@@ -153,19 +162,57 @@ def state_arrays(module: Decomposer) -> dict[str, np.ndarray]:
 
 
 def save(module: Decomposer, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the native format: config.json + params.safetensors (atomically, file by file)."""
+    """Write the native format: params.safetensors, then config.json (each atomically, so a folder with
+    config.json holds a complete dictionary)."""
+    from dictlearn.files import atomic_save_safetensors, atomic_write_json
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = config_to_json(module.kind, module.config)
     if extra:
         meta["extra"] = extra
-    tmp = folder / (PARAMS_FILE + ".tmp")
-    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_arrays(module).items()}, str(tmp))  # keep 0-d
-    tmp.replace(folder / PARAMS_FILE)
-    tmpc = folder / (CONFIG_FILE + ".tmp")
-    tmpc.write_text(json.dumps(meta, indent=2))
-    tmpc.replace(folder / CONFIG_FILE)
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_arrays(module).items()}  # keep 0-d
+    atomic_save_safetensors(folder / PARAMS_FILE, arrays)
+    atomic_write_json(folder / CONFIG_FILE, meta, indent=2)
     return folder
+
+
+class LoadError(ValueError):
+    """A decomposer folder whose files cannot be read as a saved dictionary."""
+
+
+# Variables renamed since format 1 was first written: old name -> new name (read old folders as they are).
+RENAMED = {"sparsity.tokens_since_fired": "tokens_since_fired"}
+# Counters added since: a folder saved before them starts them at zero.
+ADDED_COUNTERS = ("tokens_since_fired",)
+
+
+def _unreadable(path: Path, problem: str) -> LoadError:
+    return LoadError(f"{path}: {problem}. The folder {path.parent} does not hold a complete dictionary: delete "
+                     f"that folder and train again (or export/import it again if it came from another tool)")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _unreadable(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise _unreadable(path, "not a dictlearn decomposer config (it needs \"kind\" and a \"config\" table)")
+    version = data.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise LoadError(f"{path}: format_version {version!r}; this dictlearn reads version {FORMAT_VERSION}")
+    return data
+
+
+def _read_params(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, f"not a readable safetensors file ({e})") from None
+    return {RENAMED.get(k, k): v for k, v in arrays.items()}
 
 
 def load(folder: str | Path) -> Decomposer:
@@ -176,17 +223,25 @@ def load(folder: str | Path) -> Decomposer:
         raise FileNotFoundError(
             f"{folder} is not a dictlearn decomposer folder: it needs {CONFIG_FILE} and {PARAMS_FILE}"
         )
-    cls, config = config_from_json(json.loads(cfg_path.read_text()))
+    try:
+        cls, config = config_from_json(_read_config(cfg_path))
+    except LoadError:
+        raise
+    except ValueError as e:  # an unknown kind, a key this version does not know, a bad value
+        raise LoadError(f"{cfg_path}: {e}") from None
     module = cls(config, rngs=nnx.Rngs(config.seed))
-    arrays = load_file(str(params_path))
+    arrays = _read_params(params_path)
     expected = state_arrays(module)
+    for name in ADDED_COUNTERS:
+        if name in expected and name not in arrays:
+            arrays[name] = np.zeros_like(expected[name])
     missing, unexpected = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{params_path}: parameter names do not match a {cls.kind} decomposer "
-                         f"(missing {missing}, unexpected {unexpected})")
+        raise LoadError(f"{params_path}: parameter names do not match a {cls.kind} decomposer "
+                        f"(missing {missing}, unexpected {unexpected})")
     for k, v in expected.items():
         if arrays[k].shape != v.shape:
-            raise ValueError(f"{params_path}: {k} has shape {arrays[k].shape}, the config implies {v.shape}")
+            raise LoadError(f"{params_path}: {k} has shape {arrays[k].shape}, the config implies {v.shape}")
     flat = nnx.to_flat_state(nnx.state(module))
     for path, var in flat:
         key = ".".join(str(p) for p in path)

@@ -31,19 +31,6 @@ class BatchTopKFields:
     threshold_momentum: float = 0.99  # EMA momentum of the inference threshold
     row_slots: int | None = None  # per-row candidates for the sparse path (None: 4 * k)
 
-    def validate_batchtopk(self) -> None:
-        check(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
-        check(self.row_slots is None or self.row_slots >= self.k,
-              f"row_slots must be >= k ({self.k}) (or unset for 4 * k), got {self.row_slots}")
-
-
-@dataclasses.dataclass
-class BatchTopKConfig(BatchTopKFields, TopKFields, SparseCoderConfig):
-    def validate(self) -> None:
-        super().validate()
-        self.validate_topk()
-        self.validate_batchtopk()
-
 
 def kth_largest_nonneg(z: jax.Array, kth: int) -> jax.Array:
     """Exact kth largest entry of a non-negative float32 array, by bisection on its bit pattern.
@@ -65,7 +52,20 @@ def kth_largest_nonneg(z: jax.Array, kth: int) -> jax.Array:
 
 
 class BatchTopKSparsity(TopKSparsity):
+    """Batch-level top-k in training; at inference a JumpReLU with one global threshold on every latent."""
+
     name: ClassVar[str] = "batchtopk"
+    fields: ClassVar[tuple[type, ...]] = (BatchTopKFields, TopKFields)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        check(0 <= config.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {config.threshold_momentum}")
+        check(config.row_slots is None or config.row_slots >= config.k,
+              f"row_slots must be >= k ({config.k}) (or unset for 4 * k), got {config.row_slots}")
+
+    def linear_form(self, coder):
+        return "jumprelu", jnp.full((coder.config.n_features,), self.threshold[...], jnp.float32), None
 
     def __init__(self, config: DecomposerConfig):
         super().__init__(config)
@@ -117,12 +117,15 @@ class BatchTopKSparsity(TopKSparsity):
         self.threshold[...] = self.threshold[...] * code_scale
 
 
+@dataclasses.dataclass
+class BatchTopKConfig(BatchTopKFields, TopKFields, SparseCoderConfig):
+    mechanism_cls: ClassVar[type[Sparsity]] = BatchTopKSparsity
+
+
 @register
 class BatchTopKSAE(SparseCoder):
     """Sparse autoencoder with batch-level TopK in training and a learned global threshold at inference."""
 
     kind: ClassVar[str] = "batchtopk"
     config_cls: ClassVar[type[DecomposerConfig]] = BatchTopKConfig
-
-    def make_sparsity(self, config) -> Sparsity:
-        return BatchTopKSparsity(config)
+    example: ClassVar[dict] = {"hookpoint_in": "resid_post", "expansion": 2, "k": 8}

@@ -31,21 +31,6 @@ from dictlearn.decomposers.topk import TopKFields, TopKSparsity
 class GTopKFields:
     beta: float = 1.0  # weight of the gradient term in the ranking score
 
-    def validate_gtopk(self) -> None:
-        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-
-
-@dataclasses.dataclass
-class GTopKConfig(GTopKFields, TopKFields, SparseCoderConfig):
-    def validate(self) -> None:
-        super().validate()
-        self.validate_topk()
-        self.validate_gtopk()
-
-    @property
-    def needs_grad(self) -> bool:
-        return GTopKSparsity.needs_grad
-
 
 def gradient_scores(z: jax.Array, grad: jax.Array, w_dec: jax.Array, beta: float) -> jax.Array:
     """z + beta * z * |W_dec g| per latent: (B, n)."""
@@ -53,8 +38,16 @@ def gradient_scores(z: jax.Array, grad: jax.Array, w_dec: jax.Array, beta: float
 
 
 class GTopKSparsity(TopKSparsity):
+    """TopK ranked by z + beta * z * |W_dec g|; exports as plain TopK (its encoding without gradients)."""
+
     name: ClassVar[str] = "gtopk"
     needs_grad: ClassVar[bool] = True
+    fields: ClassVar[tuple[type, ...]] = (GTopKFields, TopKFields)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        check(config.beta >= 0, f"beta must be >= 0, got {config.beta}")
 
     def __init__(self, config: DecomposerConfig):
         super().__init__(config)
@@ -75,11 +68,15 @@ class GTopKSparsity(TopKSparsity):
         self.grad_scale[...] = self.grad_scale[...] * code_scale
 
 
+@dataclasses.dataclass
+class GTopKConfig(GTopKFields, TopKFields, SparseCoderConfig):
+    mechanism_cls: ClassVar[type[Sparsity]] = GTopKSparsity
+
+
 @register
 class GTopKSAE(SparseCoder):
     """TopK SAE whose selection also weighs each latent's effect on the model's loss."""
 
     kind: ClassVar[str] = "gtopk"
     config_cls: ClassVar[type[DecomposerConfig]] = GTopKConfig
-    def make_sparsity(self, config) -> Sparsity:
-        return GTopKSparsity(config)
+    example: ClassVar[dict] = {"hookpoint_in": "resid_post", "expansion": 2, "k": 8, "beta": 1.0}

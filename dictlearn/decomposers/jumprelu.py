@@ -34,19 +34,6 @@ class JumpReLUFields:
     bandwidth: float = 1e-3  # width of the rectangle kernel of the straight-through estimator
     initial_threshold: float = 1e-3
 
-    def validate_jumprelu(self) -> None:
-        check(self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}")
-        check(self.l0_warmup_steps >= 0, f"l0_warmup_steps must be >= 0, got {self.l0_warmup_steps}")
-        check(self.bandwidth > 0, f"bandwidth must be positive, got {self.bandwidth}")
-        check(self.initial_threshold > 0, f"initial_threshold must be positive, got {self.initial_threshold}")
-
-
-@dataclasses.dataclass
-class JumpReLUConfig(JumpReLUFields, SparseCoderConfig):
-    def validate(self) -> None:
-        super().validate()
-        self.validate_jumprelu()
-
 
 def _rectangle(u: jax.Array) -> jax.Array:
     return (jnp.abs(u) < 0.5).astype(u.dtype)
@@ -93,6 +80,17 @@ heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 class JumpReLUSparsity(Sparsity):
     name: ClassVar[str] = "jumprelu"
+    fields: ClassVar[tuple[type, ...]] = (JumpReLUFields,)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        check(config.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {config.l0_coefficient}")
+        check(config.l0_warmup_steps >= 0, f"l0_warmup_steps must be >= 0, got {config.l0_warmup_steps}")
+        check(config.bandwidth > 0, f"bandwidth must be positive, got {config.bandwidth}")
+        check(config.initial_threshold > 0, f"initial_threshold must be positive, got {config.initial_threshold}")
+
+    def linear_form(self, coder):
+        return "jumprelu", self.threshold(), None
 
     def __init__(self, config: DecomposerConfig):
         self.l0_coefficient = config.l0_coefficient
@@ -123,12 +121,15 @@ class JumpReLUSparsity(Sparsity):
         self.log_threshold[...] = self.log_threshold[...] + math.log(code_scale)
 
 
+@dataclasses.dataclass
+class JumpReLUConfig(JumpReLUFields, SparseCoderConfig):
+    mechanism_cls: ClassVar[type[Sparsity]] = JumpReLUSparsity
+
+
 @register
 class JumpReLUSAE(SparseCoder):
     """Sparse autoencoder with learned per-latent thresholds and an L0 penalty."""
 
     kind: ClassVar[str] = "jumprelu"
     config_cls: ClassVar[type[DecomposerConfig]] = JumpReLUConfig
-
-    def make_sparsity(self, config) -> Sparsity:
-        return JumpReLUSparsity(config)
+    example: ClassVar[dict] = {"hookpoint_in": "resid_post", "expansion": 2, "initial_threshold": 0.05, "bandwidth": 0.1}

@@ -24,17 +24,6 @@ class ReLUFields:
     l1_coefficient: float = 0.1
     l1_warmup_steps: int = 1000  # linear ramp of the coefficient from 0 (0: no warm-up)
 
-    def validate_relu(self) -> None:
-        check(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
-        check(self.l1_warmup_steps >= 0, f"l1_warmup_steps must be >= 0, got {self.l1_warmup_steps}")
-
-
-@dataclasses.dataclass
-class ReLUConfig(ReLUFields, SparseCoderConfig):
-    def validate(self) -> None:
-        super().validate()
-        self.validate_relu()
-
 
 def warmup(step: jax.Array, steps: int) -> jax.Array:
     """Linear ramp from 0 to 1 over `steps` optimiser steps (1 throughout when steps == 0)."""
@@ -45,6 +34,15 @@ def warmup(step: jax.Array, steps: int) -> jax.Array:
 
 class ReLUSparsity(Sparsity):
     name: ClassVar[str] = "relu"
+    fields: ClassVar[tuple[type, ...]] = (ReLUFields,)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        check(config.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {config.l1_coefficient}")
+        check(config.l1_warmup_steps >= 0, f"l1_warmup_steps must be >= 0, got {config.l1_warmup_steps}")
+
+    def linear_form(self, coder):
+        return "relu", None, None
 
     def __init__(self, config: DecomposerConfig):
         self.l1_coefficient = config.l1_coefficient
@@ -67,12 +65,15 @@ class ReLUSparsity(Sparsity):
         self.step[...] = self.step[...] + 1
 
 
+@dataclasses.dataclass
+class ReLUConfig(ReLUFields, SparseCoderConfig):
+    mechanism_cls: ClassVar[type[Sparsity]] = ReLUSparsity
+
+
 @register
 class ReLUSAE(SparseCoder):
     """Sparse autoencoder with ReLU codes and a decoder-norm-weighted L1 penalty."""
 
     kind: ClassVar[str] = "relu"
     config_cls: ClassVar[type[DecomposerConfig]] = ReLUConfig
-
-    def make_sparsity(self, config) -> Sparsity:
-        return ReLUSparsity(config)
+    example: ClassVar[dict] = {"hookpoint_in": "resid_post", "expansion": 2, "l1_coefficient": 0.01, "l1_warmup_steps": 5}

@@ -28,6 +28,7 @@ from dictlearn.decomposers.sparse_ops import SparseCodes, densify, fired_mask, g
 from dictlearn.kernels import cpu as cpu_kernels
 
 Codes = SparseCodes | jax.Array  # fixed-slot sparse codes, or dense (B, n_features)
+DEAD_CAP = 2**30  # tokens_since_fired saturates here (int32)
 
 
 class Buffer(nnx.Variable):
@@ -36,31 +37,42 @@ class Buffer(nnx.Variable):
 
 @dataclasses.dataclass
 class SparseCoderConfig(DecomposerConfig):
-    """Fields every SAE and transcoder shares."""
+    """Fields every SAE and transcoder shares. What depends on the sparsity mechanism (validation, the
+    encoder's starting norm, whether batches need gradients) is asked of the mechanism's class."""
+
+    # The Sparsity class an SAE kind's config uses; a transcoder picks one by name (`mechanism()`).
+    mechanism_cls: ClassVar[type[Sparsity] | None] = None
 
     normalize_decoder: bool = True  # keep decoder rows at unit norm (gradient projection + renormalisation)
     median_iters: int = 16  # Weiszfeld iterations for the decoder-bias initialisation (0: the mean)
     # Norm of the encoder's rows at initialisation (the decoder's rows are unit norm); None: the sparsity
-    # mechanism's default (`default_encoder_init_norm`), filled in here so saved configs record it.
+    # mechanism's default (`Sparsity.encoder_init_norm`), filled in here so saved configs record it.
     encoder_init_norm: float | None = None
+    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing (dead_frac; TopK's AuxK)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.median_iters < 0:
-            raise ValueError(f"median_iters must be >= 0, got {self.median_iters}")
+        check(self.median_iters >= 0, f"median_iters must be >= 0, got {self.median_iters}")
+        check(0 < self.dead_tokens < DEAD_CAP, f"dead_tokens must be in 1..{DEAD_CAP - 1}, got {self.dead_tokens}")
+        mechanism = self.mechanism()
         if self.encoder_init_norm is None:
-            self.encoder_init_norm = self.default_encoder_init_norm()
-        if not self.encoder_init_norm > 0:
-            raise ValueError(f"encoder_init_norm must be positive, got {self.encoder_init_norm}")
+            self.encoder_init_norm = mechanism.encoder_init_norm
+        check(self.encoder_init_norm > 0, f"encoder_init_norm must be positive, got {self.encoder_init_norm}")
+        mechanism.check_config(self)
         self.validate()
 
-    def validate(self) -> None:
-        """Check the kind-specific fields; subclasses extend it."""
+    def mechanism(self) -> type[Sparsity]:
+        """The Sparsity class this config trains with."""
+        if self.mechanism_cls is None:
+            raise TypeError(f"{type(self).__name__} must set `mechanism_cls` (or override mechanism())")
+        return self.mechanism_cls
 
-    def default_encoder_init_norm(self) -> float:
-        """With Adam the encoder's starting norm sets how fast it moves relative to its size; penalty-based
-        mechanisms (ReLU + L1, JumpReLU + L0) keep 1, the TopK family overrides it."""
-        return 1.0
+    @property
+    def needs_grad(self) -> bool:
+        return self.mechanism().needs_grad
+
+    def validate(self) -> None:
+        """Checks beyond the mechanism's own (`Sparsity.check_config`); subclasses extend it."""
 
 
 def check(cond: bool, message: str) -> None:
@@ -90,8 +102,21 @@ class Sparsity(nnx.Module):
 
     Every method gets the raw input x and z0 = (x - b_in) @ W_enc.T (the pre-activation without b_enc)."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # what a transcoder's `sparsity` field calls it
     needs_grad: ClassVar[bool] = False  # True: selection uses "grad" (the loss gradient at hookpoint_out)
+    # With Adam the encoder's starting norm sets how fast it moves relative to its size; penalty-based
+    # mechanisms (ReLU + L1, JumpReLU + L0) keep 1, the TopK family overrides it.
+    encoder_init_norm: ClassVar[float] = 1.0
+    fields: ClassVar[tuple[type, ...]] = ()  # the dataclass mixins holding this mechanism's config fields
+
+    @classmethod
+    def check_config(cls, config: SparseCoderConfig) -> None:
+        """Raise ValueError naming a bad value of this mechanism's fields."""
+
+    def linear_form(self, coder: SparseCoder) -> tuple[str, jax.Array | None, int | None] | None:
+        """The inference rule as an affine dictionary's: ("relu" | "topk" | "jumprelu", per-latent threshold
+        or None, k or None); None when it has none (then no SAELens/sparsify export)."""
+        return None
 
     def train_codes(self, coder: SparseCoder, x: jax.Array, z0: jax.Array, batch: dict[str, jax.Array]) -> Codes:
         """Codes used by the training loss (may depend on the whole batch)."""
@@ -113,7 +138,7 @@ class Sparsity(nnx.Module):
         out the term `optional_term_needed` gates (same metric keys, its value 0)."""
         return jnp.zeros((), jnp.float32), {}
 
-    def optional_term_needed(self) -> jax.Array | None:
+    def optional_term_needed(self, coder: SparseCoder) -> jax.Array | None:
         """A traced bool: does this step need the penalty's optional term (AuxK: is any latent dead)?
         The training step then differentiates the loss under lax.cond, so steps without it pay nothing
         for it, not even zero gradients. None: there is no such term."""
@@ -145,6 +170,7 @@ class SparseCoder(Decomposer):
     """Weights, reconstruction, training hooks and scale folding shared by SAEs and transcoders."""
 
     config_cls: ClassVar[type[DecomposerConfig]] = SparseCoderConfig
+    export_format: ClassVar[str] = "linear"  # export.kinds.to_linear asks self.sparsity.linear_form
     transcoder: ClassVar[bool] = False  # separate input bias b_in (else the input is centred by b_dec)
     skip: ClassVar[bool] = False  # linear skip path W_skip (d_in, d_out), initialised at zero
 
@@ -163,10 +189,16 @@ class SparseCoder(Decomposer):
             self.b_in = nnx.Param(jnp.zeros((d_in,), jnp.float32))
         if self.skip:
             self.W_skip = nnx.Param(jnp.zeros((d_in, d_out), jnp.float32))
+        # Tokens seen since each latent last fired (saturates at DEAD_CAP): the one dead-latent counter.
+        self.tokens_since_fired = Buffer(jnp.zeros((n,), jnp.int32))
         self.sparsity = self.make_sparsity(config)
 
     def make_sparsity(self, config: SparseCoderConfig) -> Sparsity:
-        raise NotImplementedError
+        return config.mechanism()(config)
+
+    def dead_mask(self) -> jax.Array:
+        """(n_features,) bool: latents that have not fired for `dead_tokens` tokens."""
+        return self.tokens_since_fired[...] >= self.config.dead_tokens
 
     # ---- the pieces -------------------------------------------------------------------------
     def input_bias(self) -> jax.Array:
@@ -221,6 +253,7 @@ class SparseCoder(Decomposer):
             "mse": mse,
             "fvu": mse / jnp.maximum(total_var, 1e-12),
             "n_tokens": jnp.asarray(x.shape[0], jnp.float32),
+            "dead_frac": jnp.mean(self.dead_mask().astype(jnp.float32)),
             **stats,
             **extra,
         }
@@ -230,7 +263,7 @@ class SparseCoder(Decomposer):
         return self.W_dec[...]
 
     def loss_and_grads(self, batch):
-        needed = self.sparsity.optional_term_needed()
+        needed = self.sparsity.optional_term_needed(self)
         if needed is None:
             return super().loss_and_grads(batch)
         graphdef, state = nnx.split(self)
@@ -261,6 +294,8 @@ class SparseCoder(Decomposer):
         return grads
 
     def after_step(self, metrics: dict[str, jax.Array]) -> None:
+        seen = jnp.minimum(self.tokens_since_fired[...] + metrics["n_tokens"].astype(jnp.int32), DEAD_CAP)
+        self.tokens_since_fired[...] = jnp.where(metrics["fired"], 0, seen)
         if self.config.normalize_decoder:
             w = self.W_dec[...]
             self.W_dec[...] = w / jnp.maximum(jnp.sqrt(cpu_kernels.row_dots(w, w)), 1e-12)[:, None]

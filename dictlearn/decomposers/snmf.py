@@ -13,6 +13,7 @@ also has a residual-stream direction F^T W_out: that is what steering adds. It i
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,14 @@ class SNMFConfig(DecomposerConfig):
 
 @register
 class SemiNMF(Decomposer):
-    kind = "snmf"
-    config_cls = SNMFConfig
+    """x ~= codes @ F^T with F signed and codes >= 0 solved per token (no learned encoder)."""
+
+    kind: ClassVar[str] = "snmf"
+    config_cls: ClassVar[type[DecomposerConfig]] = SNMFConfig
+    trainer: ClassVar[str] = "snmf"  # alternating solves, not gradient steps (trainers/snmf.py)
+    export_format: ClassVar[str] = "snmf"  # export/snmf_format.py
+    example: ClassVar[dict] = {"hookpoint_in": "mlp_hidden", "n_features": 16, "max_iters": 20, "patience": 20,
+                               "keep_fraction": 0.25, "encode_iters": 50}
 
     def __init__(self, config: SNMFConfig, *, rngs: nnx.Rngs):
         self.config = config

@@ -4,6 +4,10 @@ Same core as the SAEs, with a separate input bias b_in (the input is not centred
 bias) and any sparsity mechanism, picked by `sparsity`. The skip transcoder adds a linear path
 x @ W_skip, initialised at zero, so the sparse latents only explain what a linear map cannot.
 With sparsity "gtopk" the module needs "grad" (the gradient at hookpoint_out) in its batches.
+
+Everything mechanism-specific (its fields, their validation, the encoder's starting norm, whether it
+needs gradients, its export form) comes from the Sparsity classes in MECHANISMS: offering a new
+mechanism to transcoders is one entry there.
 """
 
 from __future__ import annotations
@@ -12,42 +16,29 @@ import dataclasses
 from typing import ClassVar
 
 from dictlearn.decomposers.base import DecomposerConfig, register
-from dictlearn.decomposers.batchtopk import BatchTopKFields, BatchTopKSparsity
-from dictlearn.decomposers.gtopk import GTopKFields, GTopKSparsity
-from dictlearn.decomposers.jumprelu import JumpReLUFields, JumpReLUSparsity
-from dictlearn.decomposers.relu import ReLUFields, ReLUSparsity
-from dictlearn.decomposers.sae import SparseCoder, SparseCoderConfig, Sparsity, check
-from dictlearn.decomposers.topk import TopKFields, TopKSparsity
+from dictlearn.decomposers.batchtopk import BatchTopKSparsity
+from dictlearn.decomposers.gtopk import GTopKSparsity
+from dictlearn.decomposers.jumprelu import JumpReLUSparsity
+from dictlearn.decomposers.relu import ReLUSparsity
+from dictlearn.decomposers.sae import SparseCoder, SparseCoderConfig, Sparsity
+from dictlearn.decomposers.topk import TopKSparsity
 
-SPARSITIES: dict[str, type[Sparsity]] = {
-    cls.name: cls for cls in (TopKSparsity, BatchTopKSparsity, JumpReLUSparsity, ReLUSparsity, GTopKSparsity)
-}
+MECHANISMS: tuple[type[Sparsity], ...] = (TopKSparsity, BatchTopKSparsity, JumpReLUSparsity, ReLUSparsity, GTopKSparsity)
+SPARSITIES: dict[str, type[Sparsity]] = {cls.name: cls for cls in MECHANISMS}
+# Every mechanism's field mixins, each once; reversed so the config's fields read in MECHANISMS order.
+_FIELD_MIXINS = tuple(reversed(dict.fromkeys(f for cls in MECHANISMS for f in reversed(cls.fields))))
 
 
 @dataclasses.dataclass
-class TranscoderConfig(GTopKFields, BatchTopKFields, JumpReLUFields, ReLUFields, TopKFields, SparseCoderConfig):
+class TranscoderConfig(*_FIELD_MIXINS, SparseCoderConfig):
     """Transcoder config: `sparsity` picks the mechanism; only that mechanism's fields are used."""
 
-    sparsity: str = "topk"  # topk | batchtopk | jumprelu | relu | gtopk
+    sparsity: str = "topk"  # one of MECHANISMS' names: topk | batchtopk | jumprelu | relu | gtopk
 
-    @property
-    def needs_grad(self) -> bool:
-        return SPARSITIES.get(self.sparsity, Sparsity).needs_grad
-
-    def topk_family(self) -> bool:
-        return issubclass(SPARSITIES.get(self.sparsity, Sparsity), TopKSparsity)
-
-    def default_encoder_init_norm(self) -> float:
-        return TopKFields.default_encoder_init_norm(self) if self.topk_family() else 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.sparsity in SPARSITIES,
-              f"unknown sparsity {self.sparsity!r}; choose one of: {', '.join(sorted(SPARSITIES))}")
-        if self.topk_family():
-            self.validate_topk()
-        {"batchtopk": self.validate_batchtopk, "jumprelu": self.validate_jumprelu,
-         "relu": self.validate_relu, "gtopk": self.validate_gtopk}.get(self.sparsity, lambda: None)()
+    def mechanism(self) -> type[Sparsity]:
+        if self.sparsity not in SPARSITIES:
+            raise ValueError(f"unknown sparsity {self.sparsity!r}; choose one of: {', '.join(sorted(SPARSITIES))}")
+        return SPARSITIES[self.sparsity]
 
 
 @register
@@ -56,10 +47,8 @@ class Transcoder(SparseCoder):
 
     kind: ClassVar[str] = "transcoder"
     config_cls: ClassVar[type[DecomposerConfig]] = TranscoderConfig
+    example: ClassVar[dict] = {"hookpoint_in": "mlp_in", "hookpoint_out": "mlp_out", "expansion": 2, "k": 8}
     transcoder: ClassVar[bool] = True
-
-    def make_sparsity(self, config) -> Sparsity:
-        return SPARSITIES[config.sparsity](config)
 
 
 @register
@@ -68,3 +57,4 @@ class SkipTranscoder(Transcoder):
 
     kind: ClassVar[str] = "skip_transcoder"
     skip: ClassVar[bool] = True
+    example: ClassVar[dict] = {**Transcoder.example, "sparsity": "jumprelu", "initial_threshold": 0.05, "bandwidth": 0.1}

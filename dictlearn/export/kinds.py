@@ -1,12 +1,11 @@
 """The one place that knows dictlearn's parameter names: decomposer <-> LinearDictionary.
 
 dictlearn's SAEs and transcoders (dictlearn/decomposers/sae.py) store W_enc (n, d_in), W_dec (n, d_out),
-b_enc, b_dec, an input bias (b_dec itself for an SAE, b_in for a transcoder), W_skip (d_in, d_out),
-and their sparsity module's state: `sparsity.log_threshold` (JumpReLU), `sparsity.threshold` (BatchTopK's
-global inference threshold), `k` (the TopK family). Conversions are exact up to float32 rounding:
-- batchtopk reads as jumprelu with its global threshold on every latent (what it does at inference);
-- gtopk reads as topk (its encoding without gradients);
-- an SAE whose input bias is not its decoder bias is written with that bias folded into b_enc.
+b_enc, b_dec, an input bias (b_dec itself for an SAE, b_in for a transcoder) and W_skip (d_in, d_out).
+How codes are chosen at inference is the sparsity mechanism's answer (`Sparsity.linear_form`): e.g.
+batchtopk reads as jumprelu with its global threshold on every latent, gtopk as topk (its encoding
+without gradients). So any kind built on SparseCoder, a new one included, converts with no edit here.
+An SAE whose input bias is not its decoder bias is written with that bias folded into b_enc.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import dictlearn.decomposers  # noqa: F401  (registers every kind)
 from dictlearn.decomposers import base
 from dictlearn.export.linear import LinearDictionary
 
-_SAE_KIND = {"relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+_SAE_KIND = {"relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}  # a LinearDictionary's sparsity -> SAE kind
 _TINY = float(np.finfo(np.float32).tiny)
 
 
@@ -34,24 +33,12 @@ def _np(a: Any) -> np.ndarray:
 
 def to_linear(module: base.Decomposer) -> LinearDictionary:
     """The affine dictionary a dictlearn SAE or transcoder computes at inference."""
-    from dictlearn.decomposers.sae import SparseCoder
-
-    if not isinstance(module, SparseCoder):
-        raise UnsupportedKindError(f"decomposer kind {module.kind!r} is not an SAE or transcoder; "
-                                   "it has no SAELens or sparsify form (semi-NMF: see dictlearn.export.snmf_format)")
-    cfg, sp = module.config, module.sparsity
-    name = type(sp).name
-    threshold = k = None
-    if name == "relu":
-        sparsity = "relu"
-    elif name == "jumprelu":
-        sparsity, threshold = "jumprelu", _np(sp.threshold())
-    elif name == "batchtopk":
-        sparsity, threshold = "jumprelu", np.full((cfg.n_features,), float(sp.threshold[...]), np.float32)
-    elif name in ("topk", "gtopk"):
-        sparsity, k = "topk", int(sp.k)
-    else:
-        raise UnsupportedKindError(f"sparsity {name!r} of {module.kind!r} has no affine export")
+    form = module.sparsity.linear_form(module) if module.export_format == "linear" else None
+    if form is None:
+        raise UnsupportedKindError(f"decomposer kind {module.kind!r} has no affine (SAELens/sparsify) form "
+                                   f"(its export format: {module.export_format or 'none'!r})")
+    sparsity, threshold, k = form
+    cfg = module.config
     return LinearDictionary(
         sparsity=sparsity,
         W_enc=_np(module.W_enc[...]).T,
@@ -59,7 +46,7 @@ def to_linear(module: base.Decomposer) -> LinearDictionary:
         W_dec=_np(module.W_dec[...]),
         b_dec=_np(module.b_dec[...]),
         b_pre=_np(module.input_bias()),
-        threshold=threshold,
+        threshold=None if threshold is None else _np(threshold),
         k=k,
         W_skip=_np(module.W_skip[...]).T if module.skip else None,
         hookpoint_in=cfg.hookpoint_in,
