@@ -4,6 +4,7 @@ set-up commands are the ones CI runs."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
 import re
@@ -156,3 +157,19 @@ def test_readme_headline_figures_match_the_benchmark_log():
         numbers = set(re.findall(r"\d[\d,.]*\d|\d", figure))
         missing = sorted(n for n in numbers if n not in log[command][1])
         assert not missing, f"README headline {what!r} quotes {missing}, which docs/benchmarks.md's row lacks"
+
+
+def test_python_snippets_parse_and_their_dictlearn_imports_resolve():
+    """Every ```python block in README.md and docs/ is valid Python whose `from dictlearn... import` names exist."""
+    import importlib
+
+    stale = []
+    for page in pages():
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+            tree = ast.parse(block, filename=str(page))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "dictlearn":
+                    module = importlib.import_module(node.module)
+                    stale += [f"{page.relative_to(ROOT)}: from {node.module} import {a.name}"
+                              for a in node.names if not hasattr(module, a.name)]
+    assert not stale, "snippets import names that no longer exist:\n" + "\n".join(stale)
