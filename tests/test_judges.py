@@ -10,20 +10,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dictlearn.eval.judges import (
+from dictlearn.eval.steering.corpus import label_of, load_labelled_documents, split_documents
+from dictlearn.eval.steering.judges import (
     ConceptJudge,
     FluencyReference,
     LinearProbe,
     NaiveBayesText,
-    compare_rates,
-    detection_auc,
     distinct_bigram_share,
-    harmonic_mean,
-    label_of,
-    load_labelled_documents,
-    split_documents,
     words,
 )
+from dictlearn.eval.steering.stats import compare_rates, detection_auc, harmonic_mean, shift_p_value
 
 
 def blobs(n_per_class: int, d: int = 20, k: int = 3, sep: float = 3.0, seed: int = 0):
@@ -88,6 +84,13 @@ def test_distinct_bigram_share():
     assert distinct_bigram_share([7]) == 1.0
 
 
+def test_fluency_compare_reports_the_differences():
+    ref = FluencyReference.of([2.0, 2.0], [1.0, 1.0])
+    flu = ref.compare([2.5, 3.5], [0.6, 0.4])
+    assert flu.loss_delta == pytest.approx(1.0) and flu.bigram_ratio == pytest.approx(0.5)
+    assert flu.fluency == pytest.approx(math.exp(-1.0) * 0.5 / 0.8)
+
+
 def test_fluency_gates_and_score():
     ref = FluencyReference.of([2.0, 2.0], [0.9, 1.0], loss_margin=1.0, bigram_frac=0.8)
     assert ref.loss == 2.0 and ref.bigram_share == pytest.approx(0.95)
@@ -125,6 +128,13 @@ def test_compare_rates_matches_hypergeometric_tail():
         compare_rates(5, 4, 0, 4)
 
 
+def test_shift_p_value_is_one_sided_and_safe_on_ties():
+    low, high = np.arange(10.0), np.arange(10.0) + 20
+    assert shift_p_value(high, low, +1) < 0.001 and shift_p_value(high, low, -1) > 0.99
+    assert shift_p_value(low, high, -1) < 0.001
+    assert shift_p_value(np.ones(5), np.ones(5), +1) == 1.0  # no spread: no evidence
+
+
 def test_detection_auc_known_answers_and_brute_force():
     pos = np.array([True, True, False, False])
     assert detection_auc(np.array([3.0, 2.0, 1.0, 0.0]), pos)[0] == 1.0
@@ -159,6 +169,8 @@ def test_judge_needs_both_classifiers_and_fluency():
     assert acc["probe"] == pytest.approx(0.25) and acc["lexical"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="knows concepts"):
         judge.on_topic("tech", x, texts)
+    shares = judge.shares("sport", x, texts, fluent)
+    assert (shares.probe_rate, shares.lexical_rate, shares.both_rate, shares.fluent_share) == (0.75, 0.75, 0.5, 0.75)
 
 
 def test_judge_refuses_missing_classes():

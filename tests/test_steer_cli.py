@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dictlearn.cli.steer import SteerArgs, main, side_by_side, steer_prompt
+from dictlearn.cli import steer as steer_cli
+from dictlearn.cli.steer import SteerArgs, SteerResult, main, side_by_side, steer_prompt
 from dictlearn.export.features import write_features
 from dictlearn.steering.steer import SteeringError
 
@@ -62,6 +63,8 @@ def test_argument_errors(tmp_path, capsys):
     assert "names no model; pass --model" in capsys.readouterr().err
     assert main(["--features", str(tmp_path / "nothing"), "--feature", "0", "--alpha", "1", "--prompt", "x"]) == 1
     assert "features.safetensors is missing" in capsys.readouterr().err
+    assert main(["--features", str(folder), "--feature", "0", "--kl", "0.5", "--max-forwards", "0", "--prompt", "x"]) == 1
+    assert "--max-forwards must be at least 1" in capsys.readouterr().err
 
 
 def test_kl_calibrates_alpha(tmp_path, smol):
@@ -71,6 +74,25 @@ def test_kl_calibrates_alpha(tmp_path, smol):
     cal = res.calibration
     assert cal.converged and abs(cal.kl - 0.5) <= 0.1 * 0.5
     assert res.alpha == pytest.approx(cal.alpha / res.vector_norm) and res.alpha < 0  # sign -1: against the feature
+    assert res.warnings == []
+
+
+def test_kl_warns_when_calibration_does_not_converge(tmp_path, smol):
+    folder = _features(tmp_path / "f")
+    res = steer_prompt(SteerArgs(features=folder, feature=1, prompt="I went to the shop", kl=0.5, max_forwards=1,
+                                 max_new_tokens=1), loaded=smol)
+    assert not res.calibration.converged and res.calibration.n_forwards == 1
+    assert len(res.warnings) == 1
+    assert "did not converge" in res.warnings[0] and "target 0.5" in res.warnings[0] and "--max-forwards" in res.warnings[0]
+
+
+def test_main_prints_warnings_to_stderr(tmp_path, capsys, monkeypatch):
+    result = SteerResult(" a", " b", 1.0, "resid_post.6", 1.0, warnings=["the KL calibration did not converge: ..."])
+    monkeypatch.setattr(steer_cli, "steer_prompt", lambda args: result)
+    assert main(["--features", str(tmp_path), "--feature", "0", "--kl", "0.5", "--prompt", "x"]) == 0
+    captured = capsys.readouterr()
+    assert "dictlearn steer: warning: the KL calibration did not converge" in captured.err
+    assert "did not converge" not in captured.out
 
 
 def test_side_by_side_layout():

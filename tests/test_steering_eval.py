@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from dictlearn.activations.hookpoints import resolve
-from dictlearn.eval.judges import FluencyReference, distinct_bigram_share, read_sequences
-from dictlearn.eval.steering import (
-    NEUTRAL_PROMPTS,
-    SteeringConfig,
+from dictlearn.activations.hookpoints import intervene, resolve, run_forward
+from dictlearn.eval.report import STEERING_COLUMNS
+from dictlearn.eval.steering import SteeringConfig, evaluate_steering, run_steering
+from dictlearn.eval.steering.features import (
     best_feature_per_concept,
     cache_feature_stats,
-    evaluate_steering,
-    generate_continuations,
     steering_site,
-    vocab_projection,
+    vocab_projections,
 )
-
-from _eval_decomposers import LinearReLU
+from dictlearn.eval.steering.judges import FluencyReference, distinct_bigram_share
+from dictlearn.eval.steering.prompts import generate_continuations
+from dictlearn.eval.steering.reading import read_sequences
+from dictlearn.eval.steering.records import Detection, Record, Summary
+from dictlearn.steering.calibrate import add_vector
+from dictlearn.steering.prompts import NEUTRAL_PROMPTS
 
 
 @pytest.fixture(autouse=True)
@@ -54,28 +55,42 @@ def test_generation_is_seeded_and_steerable(tiny_gpt2):
 
 
 def test_vocab_projection_is_the_logit_lens(tiny_gpt2):
-    d = np.random.default_rng(0).standard_normal(32).astype(np.float32)
-    proj = vocab_projection(tiny_gpt2, d)
+    d = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    proj = vocab_projections(tiny_gpt2, "resid_post.1", d)
     ln = tiny_gpt2.transformer.ln_f.weight.detach().numpy()
-    assert np.allclose(proj, tiny_gpt2.lm_head.weight.detach().numpy() @ (ln * d), atol=1e-5)
-    assert vocab_projection(tiny_gpt2, np.ones(7, np.float32)) is None  # not a residual-stream direction
+    assert proj.shape == (2, tiny_gpt2.lm_head.weight.shape[0])
+    assert np.allclose(proj, (ln * d) @ tiny_gpt2.lm_head.weight.detach().numpy().T, atol=1e-5)
+    assert vocab_projections(tiny_gpt2, "resid_post.1", np.ones((1, 7), np.float32)) is None  # not residual-wide
 
 
-def test_semi_nmf_steers_in_the_residual_stream(tiny_gpt2):
-    from dictlearn.decomposers.snmf import SemiNMF, SNMFConfig
+def _snmf(d_model: int = 0):
     from flax import nnx
 
-    def snmf(d_model):
-        cfg = SNMFConfig(d_in=128, n_features=4, hookpoint_in="mlp_hidden.1", d_model=d_model)
-        return SemiNMF(cfg, rngs=nnx.Rngs(0))
+    from dictlearn.decomposers.snmf import SemiNMF, SNMFConfig
 
-    with_resid = snmf(0)
-    w_out = np.random.default_rng(0).standard_normal((128, 32)).astype(np.float32)
-    with_resid.set_w_out(w_out)
-    hp, dirs = steering_site(tiny_gpt2, with_resid)
-    assert hp.name == "mlp_out.1" and np.allclose(dirs, np.asarray(with_resid.features()) @ w_out, atol=1e-4)
-    hp, dirs = steering_site(tiny_gpt2, snmf(0))  # no residual directions stored: steer the hidden layer
-    assert hp.name == "mlp_hidden.1" and dirs.shape == (4, 128)
+    return SemiNMF(SNMFConfig(d_in=128, n_features=4, hookpoint_in="mlp_hidden.1", d_model=d_model), rngs=nnx.Rngs(0))
+
+
+def test_semi_nmf_steers_at_its_own_hookpoint(tiny_gpt2):
+    """No per-kind case: semi-NMF of mlp_hidden.1 steers there along F's columns, which is exactly adding
+    F_k W_out to the MLP's output, and its vocabulary projection goes through W_out."""
+    dec = _snmf()
+    hp, dirs = steering_site(tiny_gpt2, dec)
+    assert hp.name == "mlp_hidden.1" and np.allclose(dirs, np.asarray(dec.features()))
+    w_out = tiny_gpt2.transformer.h[1].mlp.c_proj.weight.detach().numpy()  # Conv1D: (d_hidden, d_model)
+    ln = tiny_gpt2.transformer.ln_f.weight.detach().numpy()
+    lens = (ln * (dirs @ w_out)) @ tiny_gpt2.lm_head.weight.detach().numpy().T
+    assert np.allclose(vocab_projections(tiny_gpt2, hp.name, dirs), lens, atol=1e-4)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out_hp = resolve(tiny_gpt2, "mlp_out.1")[0]
+    v = torch.from_numpy(dirs[2])
+    with torch.no_grad():
+        with intervene(tiny_gpt2, hp, add_vector(v, 3.0)):
+            at_hidden = run_forward(tiny_gpt2, ids).logits
+        with intervene(tiny_gpt2, out_hp, add_vector(v @ torch.from_numpy(w_out), 3.0)):
+            at_output = run_forward(tiny_gpt2, ids).logits
+        plain = run_forward(tiny_gpt2, ids).logits
+    assert torch.allclose(at_hidden, at_output, atol=1e-4) and not torch.allclose(at_hidden, plain, atol=1e-3)
 
 
 class FakeCache:
@@ -92,7 +107,8 @@ class FakeCache:
         return {"resid_post.1": self._shards[index][1]}
 
 
-def test_feature_stats_from_the_cache_eval_shards():
+def test_feature_stats_from_the_cache_eval_shards(known_decomposers):
+    LinearReLU = known_decomposers.LinearReLU
     w = np.eye(4, 3, dtype=np.float32)  # feature j reads dimension j; dimension 3 is read by none
     dec = LinearReLU(w, np.zeros(3), w.T.copy(), np.zeros(4), hookpoint_in="resid_post.1")
     train = np.full((5, 4), 100.0, np.float32)  # must be ignored: eval shards only
@@ -114,8 +130,9 @@ def test_config_errors():
         SteeringConfig(n_prompts=len(NEUTRAL_PROMPTS) + 1)
 
 
-def test_best_feature_is_chosen_on_train_and_scored_on_held_out():
+def test_best_feature_is_chosen_on_train_and_scored_on_held_out(known_decomposers):
     """Feature 2 reads dimension 0, which is high on 'sport' windows: it is the one picked for sport."""
+    LinearReLU = known_decomposers.LinearReLU
     rng = np.random.default_rng(0)
 
     def windows(n):
@@ -129,22 +146,29 @@ def test_best_feature_is_chosen_on_train_and_scored_on_held_out():
     dec = LinearReLU(w, np.zeros(3), w.T.copy(), np.zeros(4))
     (tr, ytr), (te, yte) = windows(20), windows(10)
     best = best_feature_per_concept(dec, tr, ytr, te, yte, ["sport"], live=np.arange(3))
-    assert best["sport"]["feature"] == 2 and best["sport"]["auc"] > 0.9 and best["sport"]["auc_train"] > 0.9
+    assert best["sport"].feature == 2 and best["sport"].auc > 0.9 and best["sport"].auc_train > 0.9
     # a dead feature is never chosen, even when it would detect best
-    assert best_feature_per_concept(dec, tr, ytr, te, yte, ["sport"], live=np.arange(2))["sport"]["feature"] != 2
+    assert best_feature_per_concept(dec, tr, ytr, te, yte, ["sport"], live=np.arange(2))["sport"].feature != 2
 
 
-def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus):
+def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus, known_decomposers):
     """Every record has the same keys, whatever kind of vector it holds."""
+    LinearReLU = known_decomposers.LinearReLU
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((32, 12)) / np.sqrt(32)).astype(np.float32)
     dec = LinearReLU(w, np.zeros(12), w.T.copy(), np.zeros(32), hookpoint_in="resid_post.1")
     cfg = SteeringConfig(kl_targets=[0.002, 0.005], summary_kl=0.005, signs=[1, -1], n_prompts=4, samples_per_prompt=1,
                          max_new_tokens=6, n_features=2, concepts=["sport"], corpus=corpus, windows_per_class=16,
                          held_out_windows=8, judge_samples_per_prompt=1, batch_size=8)
-    res = evaluate_steering(tiny_gpt2, smol.tokenizer, {"planted": dec}, None, cfg)
-    json.dumps(res)  # JSON-able
+    result = run_steering(tiny_gpt2, smol.tokenizer, {"planted": dec}, None, cfg)
+    assert all(isinstance(r, Record) and isinstance(r.summary, Summary) for r in result.records.values())
+    assert isinstance(result.records["planted"].detection["sport"], Detection)
+    res = result.to_json()
+    assert json.loads(json.dumps(res)) == res  # plain JSON, nothing lost
     recs = res["records"]
+    assert set(recs["planted"]) == {"kind", "hookpoint", "detection_auc", "detection", "calibration", "feature_curve",
+                                    "concept_curve", "summary"}
+    assert {k for k, _, _ in STEERING_COLUMNS} < set(recs["planted"]["summary"])  # what the report tabulates
     assert set(recs) == {"planted", "diffmean@resid_post.1", "random@resid_post.1"}
     keys = {k: set(r) for k, r in recs.items()}
     assert len({frozenset(v) for v in keys.values()}) == 1
@@ -203,6 +227,7 @@ def test_diffmean_sport_beats_random_direction_at_equal_kl(smol, corpus):
     """Issue 5: DiffMean for sport at resid_post.10, KL 0.5, raises the judged sport rate significantly
     more than a random direction calibrated to the same KL (small version; the full one is marked slow)."""
     res = diffmean_vs_random(smol, corpus, n_prompts=8, samples=4, concepts=["sport"])
+    assert json.loads(json.dumps(res)) == res  # evaluate_steering returns steering.json's plain JSON
     print(json.dumps({"judges": res["judges"], "diffmean": res["records"]["diffmean@resid_post.10"]["concept_curve"],
                       "random": res["records"]["random@resid_post.10"]["concept_curve"]}, indent=1))
     dm = res["records"]["diffmean@resid_post.10"]["concept_curve"][0]

@@ -3,9 +3,10 @@
 Generates a continuation of the prompt without and with feature N's steering vector added at its hookpoint
 (h + alpha * v at every position), and prints the two side by side. `--alpha` multiplies the stored vector
 (decoder rows have unit norm, so alpha is in the activation's units). `--kl TARGET` instead picks the
-strength with the evaluation suite's calibration: alpha along the unit vector such that the mean next-token
-KL(base || steered) over the prompt and a few neutral prompts hits TARGET (`--sign -1` steers against
-the feature). The model defaults to the one named in DIR/features.json.
+strength by KL calibration: alpha along the unit vector such that the mean next-token KL(base || steered)
+over the prompt and a few neutral prompts hits TARGET (`--sign -1` steers against the feature); when the
+search runs out of forward passes first, it warns and uses the closest strength found. The model defaults
+to the one named in DIR/features.json.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import shutil
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tyro
 
-CALIBRATION_PROMPTS = 7  # neutral prompts (the evaluation suite's) calibrated on beside the user's prompt
+CALIBRATION_PROMPTS = 7  # neutral prompts (dictlearn.steering.prompts) calibrated on beside the user's prompt
 
 
 @dataclass
@@ -36,6 +37,8 @@ class SteerArgs:
     """calibrate alpha so that the mean next-token KL divergence hits this target (e.g. 0.5)"""
     sign: int = 1
     """with --kl: +1 steers towards the feature, -1 away from it"""
+    max_forwards: int = 16
+    """with --kl: forward passes the calibration may use at most"""
     model: str | None = None
     """model (hub id, folder or .gguf); default: the one named in features.json"""
     max_new_tokens: int = 40
@@ -56,6 +59,16 @@ class SteerResult:
     hookpoint: str
     vector_norm: float
     calibration: Any = None  # dictlearn.steering.calibrate.Calibration with --kl
+    warnings: list[str] = field(default_factory=list)  # what the user should know about this result
+
+
+def calibration_warning(c: Any) -> str | None:
+    """The sentence to print when a KL calibration stopped before reaching its target; None when it converged."""
+    if c.converged:
+        return None
+    return (f"the KL calibration did not converge: after {c.n_forwards} forward passes the closest strength "
+            f"reaches KL {c.kl:.3f}, {c.relative_error:.0%} away from the target {c.target_kl}; the continuation "
+            "below uses that strength (raise --max-forwards, or pick another --kl target)")
 
 
 def steer_prompt(args: SteerArgs, loaded: Any = None) -> SteerResult:
@@ -69,6 +82,8 @@ def steer_prompt(args: SteerArgs, loaded: Any = None) -> SteerResult:
         raise SteeringError("give exactly one of --alpha A (a fixed strength) and --kl TARGET (a calibrated one)")
     if args.sign not in (1, -1):
         raise SteeringError(f"--sign must be 1 or -1, got {args.sign}")
+    if args.max_forwards < 1:
+        raise SteeringError(f"--max-forwards must be at least 1, got {args.max_forwards}")
     fs = read_features(args.features)
     vector = fs.vector(args.feature, where=f"{args.features}")
     if loaded is None:
@@ -85,19 +100,22 @@ def steer_prompt(args: SteerArgs, loaded: Any = None) -> SteerResult:
     if norm == 0.0:
         raise SteeringError(f"feature {args.feature} of {args.features} has a zero vector: it cannot steer")
     calibration = None
+    warnings: list[str] = []
     alpha = args.alpha
     if args.kl is not None:
         from dictlearn.steering.calibrate import calibrate_alpha
-        from dictlearn.eval.steering import NEUTRAL_PROMPTS
-
+        from dictlearn.steering.prompts import NEUTRAL_PROMPTS
         prompts = [args.prompt, *NEUTRAL_PROMPTS[:CALIBRATION_PROMPTS]]
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        calibration = calibrate_alpha(model, hp, vector, ids, target_kl=args.kl, sign=args.sign)
+        calibration = calibrate_alpha(model, hp, vector, ids, target_kl=args.kl, sign=args.sign,
+                                      max_forwards=args.max_forwards)
         alpha = calibration.alpha / norm  # the calibrated step is along the unit vector
+        if (warning := calibration_warning(calibration)) is not None:
+            warnings.append(warning)
     unsteered = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.seed)
     with steer(model, hp, vector, alpha):
         steered = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.seed)
-    return SteerResult(unsteered, steered, float(alpha), hp.name, norm, calibration)
+    return SteerResult(unsteered, steered, float(alpha), hp.name, norm, calibration, warnings)
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 0) -> str:
@@ -122,6 +140,8 @@ def main(argv: list[str]) -> int:
     except (SteeringError, FeaturesError, FileNotFoundError) as e:
         print(f"dictlearn steer: {e}", file=sys.stderr)
         return 1
+    for warning in result.warnings:
+        print(f"dictlearn steer: warning: {warning}", file=sys.stderr)
     how = f"alpha {result.alpha:.4g} x vector (norm {result.vector_norm:.3g})"
     if result.calibration is not None:
         c = result.calibration

@@ -1,6 +1,5 @@
-"""Automatic judges of steered text: concept presence, fluency, and the statistics to compare rates.
+"""The automatic judges of steered text: concept presence and fluency (no language-model judge).
 
-No language-model judge: two independent concept classifiers that must agree, plus fluency gates.
 - `LinearProbe`: multinomial logistic regression on the unsteered model's mean activation over the
   continuation (read at one hookpoint). Trained on labelled corpus windows with diverse negatives: the
   corpus's other labels and the model's own unsteered generations (class "other"), so that neutral text
@@ -9,147 +8,24 @@ No language-model judge: two independent concept classifiers that must agree, pl
   nothing with the probe but the training labels.
 - Fluency gates (a probe alone rates word salad and "the the the" on-topic): a continuation counts only if
   the unsteered model's per-token loss on it is within `loss_margin` nats of the unsteered continuations'
-  mean, and its distinct-bigram share is at least `bigram_frac` of theirs.
+  mean, and its distinct-bigram share is at least `bigram_frac` of theirs (`FluencyReference`).
 A continuation is on-topic for a concept only when both classifiers name that concept and it passes both
-gates (`ConceptJudge.on_topic`). `compare_rates` tests a steered rate against a random-direction rate.
+gates (`ConceptJudge.on_topic`).
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import math
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-from scipy import optimize, stats
+from scipy import optimize
 
-from dictlearn.activations.hookpoints import Hookpoint, capture, run_forward
+from dictlearn.eval.steering.records import Fluency, JudgeShares
 
-TOPICS = ("business", "entertainment", "politics", "sport", "tech")
 OTHER = "other"
-
-
-# ----------------------------------------------------------------------------- labelled text
-
-@dataclass(frozen=True)
-class Document:
-    source: str
-    id: str
-    label: str  # BBC topic for BBC articles (from the id, e.g. "sport/012.txt"), else the source name
-    text: str
-
-
-def label_of(source: str, doc_id: str) -> str:
-    if source == "bbc":
-        topic = doc_id.split("/", 1)[0]
-        if topic in TOPICS:
-            return topic
-    return source
-
-
-def load_labelled_documents(path: str | Path) -> list[Document]:
-    """Documents of a `.jsonl[.gz]` corpus with `source`, `id`, `text` fields, labelled by `label_of`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labelled corpus {str(path)!r} does not exist; set eval.steering.corpus to a "
-                                ".jsonl(.gz) file with source/id/text fields (e.g. ../shared/assets/english-corpus.jsonl.gz)")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            missing = [k for k in ("source", "id", "text") if k not in rec]
-            if missing:
-                raise ValueError(f"{path} line {n + 1}: missing field(s) {missing}; labelled concepts need source, id and text")
-            docs.append(Document(rec["source"], str(rec["id"]), label_of(rec["source"], str(rec["id"])), rec["text"]))
-    return docs
-
-
-def split_documents(docs: Sequence[Document], held_out: float = 0.25, seed: int = 0) -> tuple[list[Document], list[Document]]:
-    """Deterministic split by document (hash of id): no window of a held-out document is trained on."""
-    train, test = [], []
-    for d in docs:
-        h = int(hashlib.sha256(f"{seed}:{d.source}:{d.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (test if h < held_out else train).append(d)
-    return train, test
-
-
-def sample_windows(docs: Sequence[Document], tokenizer, n: int, n_tokens: int, rng: np.random.Generator,
-                   max_chars: int = 4000) -> list[list[int]]:
-    """n token windows of n_tokens from distinct documents where possible (a random place in each)."""
-    if not docs or n <= 0:
-        return []
-    order = rng.permutation(len(docs))
-    out: list[list[int]] = []
-    i = 0
-    while len(out) < n and i < 4 * n + len(docs):
-        d = docs[order[i % len(docs)]]
-        i += 1
-        text = d.text
-        if len(text) > max_chars:
-            start = int(rng.integers(0, len(text) - max_chars))
-            text = text[start: start + max_chars]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < n_tokens // 2:
-            continue
-        s = int(rng.integers(0, max(1, len(ids) - n_tokens + 1)))
-        out.append(list(ids[s: s + n_tokens]))
-    return out
-
-
-# ----------------------------------------------------------------------------- reading text with the model
-
-@dataclass
-class ReadOut:
-    pooled: dict[str, np.ndarray]  # hookpoint -> (N, d): mean activation over each sequence's read positions
-    tokens: dict[str, list[np.ndarray]]  # hookpoint -> per sequence (n_i, d) activations at read positions
-    loss: np.ndarray | None  # (N,) mean next-token loss (nats) over the read positions
-
-
-def read_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts: Sequence[int],
-                   hookpoints: Sequence[Hookpoint], keep_tokens: Sequence[str] = (), with_loss: bool = False,
-                   batch_size: int = 16) -> ReadOut:
-    """Run the (unsteered) model over token sequences and read positions [start, len) of each.
-
-    Right-padded batches (exact under causal attention). Loss at position t is -log p(token_t | tokens_<t),
-    so a start of at least 1 is needed with_loss. Stops after the last hooked block when no loss is needed."""
-    if len(seqs) != len(starts):
-        raise ValueError("need one start per sequence")
-    for s, st in zip(seqs, starts):
-        if not (0 <= st < len(s)) or (with_loss and st < 1):
-            raise ValueError(f"read start {st} is out of range for a sequence of {len(s)} tokens")
-    device = next(model.parameters()).device
-    pooled = {h.name: [None] * len(seqs) for h in hookpoints}
-    tokens = {name: [None] * len(seqs) for name in keep_tokens}
-    loss = np.zeros(len(seqs)) if with_loss else None
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    for b in range(0, len(seqs), batch_size):
-        idx = order[b: b + batch_size]
-        T = max(len(seqs[i]) for i in idx)
-        ids = torch.zeros((len(idx), T), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(seqs[i])] = torch.tensor(list(seqs[i]))
-        ids = ids.to(device)
-        with torch.no_grad(), capture(model, list(hookpoints), stop_early=not with_loss) as acts:
-            out = run_forward(model, ids)
-        for r, i in enumerate(idx):
-            st, n = int(starts[i]), len(seqs[i])
-            for h in hookpoints:
-                a = acts[h.name][r, st:n].float().cpu().numpy()
-                pooled[h.name][i] = a.mean(0)
-                if h.name in tokens:
-                    tokens[h.name][i] = a
-            if with_loss:
-                loss[i] = float(torch.nn.functional.cross_entropy(out.logits[r, st - 1: n - 1].float(), ids[r, st:n]))
-    return ReadOut({k: np.stack(v) for k, v in pooled.items()}, tokens, loss)
 
 
 # ----------------------------------------------------------------------------- the two classifiers
@@ -302,55 +178,22 @@ class FluencyReference:
         ratio = float(np.mean(shares)) / self.bigram_share if self.bigram_share > 0 else 1.0
         return math.exp(-extra) * min(1.0, ratio / self.bigram_frac)
 
-
-def harmonic_mean(a: float, b: float) -> float:
-    """Harmonic mean of two scores in [0, 1] (0 if either is 0: a method must do both)."""
-    a, b = max(0.0, a), max(0.0, b)
-    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def compare_rates(k_a: int, n_a: int, k_b: int, n_b: int, alternative: str = "greater") -> dict[str, float]:
-    """Is rate a = k_a/n_a larger than rate b (alternative "greater"; "less" for smaller)?
-
-    Fisher's exact test on the 2x2 table (the p-value the suite reports) and the pooled two-proportion z test."""
-    if not (0 <= k_a <= n_a and 0 <= k_b <= n_b and n_a > 0 and n_b > 0):
-        raise ValueError(f"need 0 <= k <= n and n > 0, got {k_a}/{n_a} and {k_b}/{n_b}")
-    if alternative not in ("greater", "less"):
-        raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
-    _, p_fisher = stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]], alternative=alternative)
-    pa, pb = k_a / n_a, k_b / n_b
-    pooled = (k_a + k_b) / (n_a + n_b)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    z = 0.0 if se == 0 else (pa - pb) / se
-    p_z = float(stats.norm.sf(z) if alternative == "greater" else stats.norm.cdf(z)) if se > 0 else 1.0
-    return {"rate_a": pa, "rate_b": pb, "diff": pa - pb, "p_fisher": float(p_fisher), "z": z, "p_z": p_z}
-
-
-def detection_auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """ROC AUC of each column of scores (N, F) for separating positive rows (N,) bool from the rest (ties 1/2)."""
-    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("detection AUC needs both positive and negative examples")
-    ranks = stats.rankdata(scores, axis=0)
-    return (ranks[positive].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    def compare(self, losses, shares) -> Fluency:
+        """Loss difference, bigram ratio and fluency score of a set of continuations against the reference."""
+        ratio = float(np.mean(shares)) / self.bigram_share if self.bigram_share > 0 else 1.0
+        return Fluency(float(np.mean(losses)) - self.loss, ratio, self.score(losses, shares))
 
 
 # ----------------------------------------------------------------------------- the judge
 
 @dataclass
 class ConceptJudge:
-    """Probe + lexical classifier over classes concepts + ("other",), and the report of how good they are."""
+    """Probe + lexical classifier over classes concepts + ("other",)."""
 
     classes: tuple[str, ...]
     probe_hookpoint: str
     probe: LinearProbe
     lexical: NaiveBayesText
-    report: dict = field(default_factory=dict)
 
     def index(self, concept: str) -> int:
         if concept not in self.classes[:-1]:
@@ -367,6 +210,13 @@ class ConceptJudge:
         p, l = self.predict(probe_x, texts)
         ok = (p == c) & (l == c)
         return ok if fluent is None else ok & np.asarray(fluent, bool)
+
+    def shares(self, concept: str, probe_x: np.ndarray, texts: Sequence[str], fluent: np.ndarray) -> JudgeShares:
+        """Share of the continuations that the probe, the lexical judge, both, and the fluency gates accept."""
+        c = self.index(concept)
+        p, l = self.predict(probe_x, texts)
+        return JudgeShares(float((p == c).mean()), float((l == c).mean()), float(((p == c) & (l == c)).mean()),
+                           float(np.asarray(fluent, bool).mean()))
 
     @classmethod
     def fit(cls, concepts: Sequence[str], probe_hookpoint: str, probe_x: np.ndarray, probe_labels: Sequence[str],
