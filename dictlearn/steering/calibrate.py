@@ -14,7 +14,9 @@ Usage (what `dictlearn steer` and the evaluation suite call):
 - KL is the mean over prompts of KL(p_base || p_steered) of the next-token distribution after the
   last prompt token. The search brackets the target and interpolates in log(alpha)-log(KL) space (near
   zero KL grows as alpha^2), so it lands within `tol` (relative) of the target in a few forward passes.
-  `converged` is False when `max_forwards` ran out; the closest point found is returned then.
+  `converged` is False when `max_forwards` ran out or the KL saturated below the target (`saturated`: 16 times
+  the strength gave under 5% more KL, as when a norm after the hookpoint renormalises what is added, e.g.
+  `mlp_out_pre_norm` in Gemma / OLMo 2); the closest point found is returned then. Callers must report it.
 
 To calibrate many vectors or targets on the same prompts, build one `KLCalibrator` (it caches the base
 logits) and call `calibrate` / `calibrate_targets` on it; targets of one vector share their evaluations.
@@ -39,8 +41,10 @@ class Calibration:
     n_forwards: int  # steered forward passes this calibration used (the cached base pass not counted)
     target_kl: float
     sign: int
-    converged: bool  # |kl - target| <= tol * target
+    converged: bool  # |kl - target| <= tol * target; when False, the closest point found is returned
     activation_norm: float  # mean norm of the hookpoint activation on the prompts (alpha's natural scale)
+    saturated: bool = False  # the KL stopped growing with the strength below the target (e.g. a later norm
+    # renormalises what is added), so the search stopped early: the target cannot be reached here
 
     @property
     def relative_error(self) -> float:
@@ -162,10 +166,12 @@ class KLCalibrator:
         used = 0
         while True:
             hit = [p for p in points if abs(p.kl - target) <= tol * target]
-            if hit or used >= max_forwards:
+            saturated = not hit and _saturated(points, target)
+            if hit or saturated or used >= max_forwards:
                 pool = hit or points
                 best = min(pool, key=lambda p: abs(p.kl - target))
-                return Calibration(sign * best.alpha, best.kl, used, target, sign, bool(hit), self.activation_norm)
+                return Calibration(sign * best.alpha, best.kl, used, target, sign, bool(hit), self.activation_norm,
+                                   saturated)
             alpha = self._next_alpha(points, target)
             points.append(_Point(alpha, self.kl(direction, sign * alpha)))
             used += 1
@@ -191,6 +197,15 @@ class KLCalibrator:
             return hi.alpha * max(0.25, math.sqrt(target / hi.kl))
         # first guess: on SmolLM2's residual stream KL 0.5 needs about 0.3 of the activation norm
         return 0.3 * self.activation_norm * math.sqrt(target / 0.5)
+
+
+def _saturated(points: list[_Point], target: float) -> bool:
+    """True when every point is below the target and 16x the strength of one gave under 5% more KL (where KL
+    grows like alpha^2 that would be 256x): more strength will not reach the target."""
+    if not points or any(p.kl >= target for p in points):
+        return False
+    top = max(points, key=lambda p: p.alpha)
+    return any(p.alpha > 0 and top.alpha >= 16 * p.alpha and top.kl <= 1.05 * p.kl for p in points)
 
 
 def calibrate_alpha(
