@@ -1,6 +1,6 @@
 """`dictlearn export CONFIG.toml [--set key=value]... [--only NAME]... [--force]`
 `dictlearn export --import-saelens DIR --out DIR [--hookpoint H] [--hookpoint-out H]`
-`dictlearn export --import-sparsify DIR --out DIR [--hookpoint-prefix model.]`
+`dictlearn export --import-sparsify DIR --out DIR [--hookpoint-prefix model.] [--hookpoint H] [--hookpoint-out H]`
 
 Export: every decomposer saved under `<out_dir>/decomposers/<name>/` is written to `<out_dir>/export/<name>/`
 as a SAELens folder (where SAELens has the architecture), semi-NMF's own files, and `features.safetensors`
@@ -121,9 +121,7 @@ def import_run(args: ExportArgs) -> int:
         return 0
     from dictlearn.export.sparsify import import_sparsify, is_sparsify_folder
 
-    if args.hookpoint or args.hookpoint_out:
-        raise ExportError("sparsify folders name their hookpoints; use --hookpoint-prefix to map them onto the model")
-    found = import_sparsify(args.import_sparsify, args.hookpoint_prefix)
+    found = import_sparsify(args.import_sparsify, args.hookpoint_prefix, args.hookpoint, args.hookpoint_out)
     single = is_sparsify_folder(args.import_sparsify)
     for name, module in found.items():
         dest = Path(args.out) if single else Path(args.out) / name

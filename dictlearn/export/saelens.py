@@ -14,6 +14,15 @@ inference threshold, as SAELens itself saves BatchTopK SAEs for inference; gradi
 (its encoding without gradients). SAELens has no TopK transcoder, so TopK transcoders export only their
 native folder and steering vectors.
 
+Versions: `metadata.sae_lens_version` is the SAELens config layout these files follow ("6.0.0"); SAELens's
+loader reads that field only to choose between its pre-6.0 and its 6.x parsing, so it must name the layout,
+not a SAELens that was never run. What actually wrote the folder is `metadata.dictlearn_version`, and
+`sae_lens_training_version` is null (SAELens did not train it).
+
+Reading checks the folder before converting it: cfg.json's `d_in` / `d_sae` / `d_out` against the weights'
+shapes, the weights' shapes against each other, `k` against the width, and finite values, and each problem
+is a SaeLensFormatError naming the field or tensor.
+
 Hook names: SAELens/TransformerLens names (`blocks.10.hook_resid_post`) go in `metadata.hook_name`, the
 Hugging Face module path in `metadata.hf_hook_name`, and dictlearn's own name in `metadata.dictlearn_hookpoint`.
 """
@@ -23,29 +32,30 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
+from dictlearn.activations.families import ALIASES, hookpoint_from_tl, parse_alias, tl_hook_name  # noqa: F401 (re-exported)
 from dictlearn.export.linear import LinearDictionary
+from dictlearn.files import atomic_save_safetensors, atomic_write_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6 reads it as is)
 
-# dictlearn alias -> TransformerLens hook name. mlp_in is the MLP's (normalised) input, TL's ln2 output.
-_TL_HOOKS = {
-    "resid_pre": "hook_resid_pre",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "mlp_hidden": "mlp.hook_post",
-    "mlp_in": "ln2.hook_normalized",
-}
-_FROM_TL = {v: k for k, v in _TL_HOOKS.items()}
+
+def dictlearn_version() -> str:
+    """The installed dictlearn's version, recorded in what it writes."""
+    try:
+        return version("dictlearn")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
 _ARCH_SPARSITY = {
     "standard": ("relu", False, False),
     "topk": ("topk", False, False),
@@ -62,20 +72,32 @@ class SaeLensFormatError(ValueError):
     """A dictionary SAELens's format cannot hold, or a SAELens folder dictlearn cannot read."""
 
 
-def tl_hook_name(hookpoint: str) -> str | None:
-    """TransformerLens hook name of a dictlearn alias (`resid_post.10` -> `blocks.10.hook_resid_post`)."""
-    m = re.fullmatch(r"([a-z_]+)\.(\d+)", hookpoint or "")
-    if m and m.group(1) in _TL_HOOKS:
-        return f"blocks.{m.group(2)}.{_TL_HOOKS[m.group(1)]}"
-    return None
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*(:input)?")
 
 
-def hookpoint_from_tl(hook_name: str) -> str | None:
-    """dictlearn alias of a TransformerLens hook name, or None when it has no exact counterpart."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook_name or "")
-    if m and m.group(2) in _FROM_TL:
-        return f"{_FROM_TL[m.group(2)]}.{m.group(1)}"
-    return None
+def hookpoint_problem(name: str) -> str | None:
+    """Why `name` cannot be a dictlearn hookpoint, judged by its form alone (None: it can be).
+
+    A hookpoint is an alias with its layer (`mlp_out.6`) or one module path, optionally ending in `:input`
+    (`model.layers.6.mlp`); whether the model has it is checked when the model is loaded."""
+    if parse_alias(name):
+        return None
+    stem = name.split(".")[0].split(":")[0]
+    if stem in ALIASES:
+        return f"{name!r}: the alias {stem!r} takes a layer index and nothing else (write e.g. {stem}.6)"
+    if _MODULE_PATH.fullmatch(name):
+        return None
+    return (f"{name!r} is neither an alias with its layer ({', '.join(a + '.L' for a in ALIASES)}) nor a module "
+            f"path such as model.layers.6.mlp (optionally ending in ':input')")
+
+
+def _as_hookpoint(name: str, where: str, flag: str) -> str:
+    """A hookpoint given by the user or a folder, TransformerLens names mapped to aliases, its form checked."""
+    name = hookpoint_from_tl(name) or name
+    problem = hookpoint_problem(name)
+    if problem:
+        raise SaeLensFormatError(f"{where}: {problem}; pass the right one with {flag}")
+    return name
 
 
 def architecture_of(lin: LinearDictionary) -> str:
@@ -101,7 +123,8 @@ def to_saelens(lin: LinearDictionary, metadata: dict[str, Any] | None = None) ->
         weights["threshold"] = lin.threshold
     if lin.W_skip is not None:
         weights["W_skip"] = lin.W_skip
-    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None}
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
+            "dictlearn_version": dictlearn_version()}
     for key, hp in (("hook_name", lin.hookpoint_in), ("hook_name_out", lin.hookpoint_out if lin.is_transcoder else None)):
         if hp:
             meta[key] = tl_hook_name(hp) or hp
@@ -124,12 +147,8 @@ def write_saelens(lin: LinearDictionary, folder: str | Path, metadata: dict[str,
     cfg, weights = to_saelens(lin, metadata)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}, str(tmp))
-    tmp.replace(folder / WEIGHTS_FILE)
-    tmpc = folder / (CFG_FILE + ".tmp")
-    tmpc.write_text(json.dumps(cfg, indent=2))
-    tmpc.replace(folder / CFG_FILE)
+    atomic_save_safetensors(folder / WEIGHTS_FILE, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
+    atomic_write_json(folder / CFG_FILE, cfg, indent=2)
     return folder
 
 
@@ -160,6 +179,54 @@ def _modernise(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def _check_weights(cfg: dict[str, Any], arr: dict[str, np.ndarray], transcoder: bool, cfg_path: Path, w_path: Path
+                   ) -> int | None:
+    """cfg.json's sizes against the weights' shapes, the shapes against each other, k against the width and
+    finite values; returns k (topk) or None. Each problem is a SaeLensFormatError naming the field or tensor."""
+    if arr["W_enc"].ndim != 2:
+        raise SaeLensFormatError(f"{w_path}: W_enc has shape {arr['W_enc'].shape}; a SAELens W_enc is (d_in, d_sae)")
+    d_in, d_sae = arr["W_enc"].shape
+    d_out = arr["W_dec"].shape[-1] if transcoder and arr["W_dec"].ndim == 2 else d_in
+    for field, got in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
+        said = cfg.get(field)
+        if field == "d_out" and not transcoder:
+            continue
+        if said is not None and said != got:
+            raise SaeLensFormatError(f"{cfg_path}: {field} is {said!r} but the weights say {got} (W_enc is "
+                                     f"{arr['W_enc'].shape} = (d_in, d_sae), W_dec is {arr['W_dec'].shape} = "
+                                     f"(d_sae, d_out)); the config does not belong to these weights")
+    want = {"b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "threshold": (d_sae,), "W_skip": (d_out, d_in)}
+    problem = weights_problem(arr, want, f"W_enc {arr['W_enc'].shape} (and d_out {d_out})")
+    if problem:
+        raise SaeLensFormatError(f"{w_path}: {problem}")
+    if cfg["architecture"] != "topk":
+        return None
+    problem = k_problem(cfg.get("k"), d_sae, "a topk SAE", "d_sae")
+    if problem:
+        raise SaeLensFormatError(f"{cfg_path}: {problem}")
+    return cfg["k"]
+
+
+def weights_problem(arrays: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], basis: str) -> str | None:
+    """The first tensor whose shape is not the one `basis` (the tensor that fixes the sizes) makes it, or
+    that holds nan/inf; None when every tensor fits. Shared by the foreign-format readers."""
+    for name, shape in want.items():
+        if name in arrays and arrays[name].shape != shape:
+            return f"{name} has shape {arrays[name].shape} but {basis} makes it {shape}; the weights do not fit together"
+    for name, a in arrays.items():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            return f"{name} holds {bad} nan or infinite value(s)"
+    return None
+
+
+def k_problem(k: Any, width: int, what: str, width_name: str) -> str | None:
+    """Why `k` cannot be a top-k count for `width` latents (None: it can)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
+        return f"k is {k!r}, but {what} keeps between 1 and {width_name} = {width} latents"
+    return None
+
+
 def read_saelens(folder: str | Path, hookpoint: str | None = None, hookpoint_out: str | None = None
                  ) -> tuple[LinearDictionary, dict[str, Any]]:
     """Read a SAELens folder into a LinearDictionary (float32) and its (normalised) cfg dict.
@@ -172,10 +239,13 @@ def read_saelens(folder: str | Path, hookpoint: str | None = None, hookpoint_out
         if not p.is_file():
             raise SaeLensFormatError(f"{folder} is not a SAELens folder: {p.name} is missing")
     try:
-        cfg = _modernise(json.loads(cfg_path.read_text()))
+        raw = json.loads(cfg_path.read_text())
         w = load_file(str(w_path))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise SaeLensFormatError(f"{folder}: unreadable SAELens folder ({e})") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("metadata", {}), (dict, type(None))):
+        raise SaeLensFormatError(f"{cfg_path}: not a SAELens config (expected a JSON object with a metadata object)")
+    cfg = _modernise(raw)
     arch = cfg["architecture"]
     if arch not in _ARCH_SPARSITY:
         raise SaeLensFormatError(f"{cfg_path}: architecture {arch!r} has no dictlearn counterpart; "
@@ -196,11 +266,17 @@ def read_saelens(folder: str | Path, hookpoint: str | None = None, hookpoint_out
     if missing:
         raise SaeLensFormatError(f"{w_path}: architecture {arch!r} needs {', '.join(need)}; missing {', '.join(missing)}")
     arr = {k: np.asarray(w[k], dtype=np.float32) for k in need}
+    k = _check_weights(cfg, arr, transcoder, cfg_path, w_path)
     meta = cfg.get("metadata") or {}
-    hp_in = hookpoint or meta.get("dictlearn_hookpoint") or hookpoint_from_tl(meta.get("hook_name", "")) or meta.get("hf_hook_name")
-    if not hp_in:
-        raise SaeLensFormatError(f"{cfg_path}: cannot tell the hookpoint (hook_name {meta.get('hook_name')!r} has no "
-                                 "dictlearn counterpart and hf_hook_name is missing); pass it with --hookpoint")
+    where = str(cfg_path)
+    if hookpoint:
+        hp_in = _as_hookpoint(hookpoint, "--hookpoint", "--hookpoint")
+    else:
+        hp_in = meta.get("dictlearn_hookpoint") or hookpoint_from_tl(meta.get("hook_name", "")) or meta.get("hf_hook_name")
+        if not hp_in:
+            raise SaeLensFormatError(f"{cfg_path}: cannot tell the hookpoint (hook_name {meta.get('hook_name')!r} has "
+                                     "no dictlearn counterpart and hf_hook_name is missing); pass it with --hookpoint")
+        hp_in = _as_hookpoint(hp_in, where, "--hookpoint")
     hp_out = hp_in
     if transcoder:
         hp_out = (hookpoint_out or meta.get("dictlearn_hookpoint_out") or hookpoint_from_tl(meta.get("hook_name_out", ""))
@@ -208,13 +284,12 @@ def read_saelens(folder: str | Path, hookpoint: str | None = None, hookpoint_out
         if not hp_out:
             raise SaeLensFormatError(f"{cfg_path}: a transcoder needs the hookpoint it writes to (hook_name_out "
                                      f"{meta.get('hook_name_out')!r} has no dictlearn counterpart); pass --hookpoint-out")
+        hp_out = _as_hookpoint(hp_out, "--hookpoint-out" if hookpoint_out else where, "--hookpoint-out")
     elif hookpoint_out and hookpoint_out != hp_in:
         raise SaeLensFormatError(f"{cfg_path}: architecture {arch!r} reads and writes one hookpoint; "
                                  f"got --hookpoint-out {hookpoint_out!r} != {hp_in!r}")
     W_enc, b_enc, W_dec = arr["W_enc"], arr["b_enc"], arr["W_dec"]
-    k = None
     if sparsity == "topk":
-        k = int(cfg["k"])
         if cfg.get("rescale_acts_by_decoder_norm", False):
             # SAELens picks the top k of pre * |W_dec row| and decodes (acts / |row|) @ W_dec: fold the norms
             norms = np.maximum(np.linalg.norm(W_dec.astype(np.float64), axis=1), 1e-8)
@@ -222,10 +297,13 @@ def read_saelens(folder: str | Path, hookpoint: str | None = None, hookpoint_out
             b_enc = (b_enc * norms).astype(np.float32)
             W_dec = (W_dec / norms[:, None]).astype(np.float32)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder
-    lin = LinearDictionary(
-        sparsity=sparsity, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=arr["b_dec"],
-        b_pre=arr["b_dec"].copy() if apply_b_dec else None, threshold=arr.get("threshold"), k=k,
-        W_skip=arr.get("W_skip"), hookpoint_in=hp_in, hookpoint_out=hp_out)
+    try:
+        lin = LinearDictionary(
+            sparsity=sparsity, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=arr["b_dec"],
+            b_pre=arr["b_dec"].copy() if apply_b_dec else None, threshold=arr.get("threshold"), k=k,
+            W_skip=arr.get("W_skip"), hookpoint_in=hp_in, hookpoint_out=hp_out)
+    except ValueError as e:  # a check above should have said it first; never a traceback
+        raise SaeLensFormatError(f"{folder}: {e}") from e
     return lin, cfg
 
 
