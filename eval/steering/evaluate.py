@@ -102,7 +102,8 @@ def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, 
                 runs.add_vector(("diffmean", hp_name, c), hp_name, windows.diffmean(hp_name, c))
     for hp_name, hp in runs.steer_hps.items():
         for r in range(cfg.n_random):
-            runs.add_vector(("random", hp_name, r), hp_name, np.random.default_rng([cfg.seed, 7919, r]).standard_normal(hp.width))
+            direction = np.random.default_rng([cfg.seed, 7919, r]).standard_normal(hp.width)
+            runs.add_vector(("random", hp_name, r), hp_name, direction)
     log(f"steering: {len(runs.vectors)} vectors calibrated at KL {cfg.kl_targets} (both signs)")
 
     # 6. records
@@ -177,14 +178,15 @@ def _train_judge(runs: SteeringRuns, windows: LabelledWindows, base: Generations
 
 def _calibration_summary(runs: SteeringRuns, keys: list[VectorKey]) -> CalibrationSummary:
     cals = [c for k in keys for s in (1, -1) for c in runs.cals[k][s]]
+
+    def alpha_over_norm(t: float, s: int) -> float | None:
+        return mean_or_none(abs(c.alpha) / c.activation_norm for c in (runs.calibration(k, t, s) for k in keys))
+
     return CalibrationSummary(
         n_vectors=len(keys), n_forwards_mean=mean_or_none(c.n_forwards for c in cals),
         rel_error_max=max((c.relative_error for c in cals), default=None),
         converged_fraction=mean_or_none(float(c.converged) for c in cals),
-        alpha_over_norm={str(t): {sign: mean_or_none(abs(runs.calibration(k, t, s).alpha) / runs.calibration(k, t, s).activation_norm
-                                                     for k in keys)
-                                  for s, sign in ((1, "+"), (-1, "-"))}
-                         for t in runs.cfg.kl_targets})
+        alpha_over_norm={str(t): {"+": alpha_over_norm(t, 1), "-": alpha_over_norm(t, -1)} for t in runs.cfg.kl_targets})
 
 
 def _record(runs: SteeringRuns, kind: str, hp_name: str, keys: list[VectorKey], detection: dict[str, Detection],

@@ -14,10 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _json(obj: Any) -> Any:
-    return dataclasses.asdict(obj)
-
-
 @dataclass(frozen=True)
 class Fluency:
     """How a set of continuations compares with the unsteered ones."""
@@ -194,9 +190,6 @@ class Record:
     concept_curve: list[ConceptCurvePoint]
     summary: Summary
 
-    def to_json(self) -> dict[str, Any]:
-        return _json(self)
-
 
 @dataclass(frozen=True)
 class JudgesReport:
@@ -230,4 +223,4 @@ class SteeringResult:
     features: dict[str, list[int]] = field(default_factory=dict)  # decomposer -> sampled feature ids
 
     def to_json(self) -> dict[str, Any]:
-        return _json(self)
+        return dataclasses.asdict(self)
