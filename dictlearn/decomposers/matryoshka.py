@@ -1,0 +1,190 @@
+"""Matryoshka sparse autoencoder (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+SAEs"; Nabeshima 2024).
+
+The latents are ordered, and every prefix of the widths in `prefix_widths` (the full width last) must
+reconstruct the input on its own: the loss sums the squared error of each prefix's reconstruction
+(b_dec plus the decoded codes of latents 0..width-1), optionally weighted per prefix. A general feature
+then has to live in the early latents, where it cannot be absorbed into more specific later latents
+that always fire with it; that is what keeps parent features whole in a hierarchy.
+
+Selection is the TopK family's, unchanged: BatchTopK by default (`selection = "batchtopk"`: a global
+inference threshold, exported like BatchTopK as a JumpReLU, which is how SAELens saves its Matryoshka
+BatchTopK SAEs), or per-token TopK (`selection = "topk"`). AuxK, the unit-norm decoder, scale folding and
+resume state are the SparseCoder's and the mechanism's own.
+
+Speed: the mechanisms' training forward runs as it is, on a view of the coder whose `reconstruct` returns
+every prefix's reconstruction. For sparse codes each slot is decoded into its own prefix group (slots of
+latents >= width are masked, never a dense (B, n) array), so the extra work is O(B * slots * d) per group
+on top of BatchTopK's step; dense codes (BatchTopK's rare exact fallback) decode by column blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from dictlearn.decomposers.base import DecomposerConfig, register
+from dictlearn.decomposers.batchtopk import BatchTopKFields, BatchTopKSparsity
+from dictlearn.decomposers.sae import Codes, SparseCoder, SparseCoderConfig, Sparsity, check
+from dictlearn.decomposers.sparse_ops import SparseCodes, gather_decode
+from dictlearn.decomposers.topk import TopKFields, TopKSparsity
+
+SELECTIONS = ("batchtopk", "topk")
+
+
+@dataclasses.dataclass
+class MatryoshkaFields:
+    """The nested prefixes and how their errors are weighed."""
+
+    # Increasing widths of the nested prefixes; the full width (n_features) is the last prefix and is added
+    # when left out. None: n_features // 64, // 16, // 4 (those >= 1), then n_features, filled in here so
+    # saved configs record them.
+    prefix_widths: list[int] | None = None
+    prefix_weights: list[float] | None = None  # one per prefix, full width included (None: all 1)
+    selection: str = "batchtopk"  # how latents are chosen: "batchtopk" (exports as JumpReLU) | "topk"
+
+
+def default_widths(n_features: int) -> list[int]:
+    """n // 64, n // 16, n // 4 (each >= 1, distinct) and n: prefixes growing 4x, as in the literature."""
+    return sorted({w for w in (n_features // 64, n_features // 16, n_features // 4) if 1 <= w < n_features}) + [n_features]
+
+
+def check_prefixes(config: Any) -> None:
+    """Fill in and validate prefix_widths / prefix_weights; every message names the fix."""
+    n = config.n_features
+    if config.prefix_widths is None:
+        config.prefix_widths = default_widths(n)
+    widths = list(config.prefix_widths)
+    check(len(widths) > 0, "prefix_widths must list at least one width (or be left out for n_features // 64, // 16, // 4)")
+    check(all(isinstance(w, int) and not isinstance(w, bool) for w in widths),
+          f"prefix_widths must be whole numbers of latents, got {widths}")
+    check(all(1 <= w <= n for w in widths), f"prefix_widths must lie in 1..n_features ({n}), got {widths}")
+    check(all(a < b for a, b in zip(widths, widths[1:])), f"prefix_widths must be strictly increasing, got {widths}")
+    if widths[-1] != n:
+        widths.append(n)  # the full width is always the last prefix
+    config.prefix_widths = widths
+    weights = config.prefix_weights
+    if weights is not None:
+        check(len(weights) == len(widths),
+              f"prefix_weights needs one weight per prefix, {len(widths)} for prefix_widths {widths} (the full "
+              f"width {n} included), got {len(weights)}")
+        check(all(w >= 0 for w in weights) and sum(weights) > 0,
+              f"prefix_weights must be >= 0 and not all zero, got {weights}")
+        config.prefix_weights = [float(w) for w in weights]
+    check(config.selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}, got {config.selection!r}")
+
+
+def prefix_groups(indices: jax.Array, widths: tuple[int, ...]) -> jax.Array:
+    """Which prefix group each latent index opens in: 0 for i < widths[0], g for widths[g-1] <= i < widths[g]."""
+    return sum((indices >= w).astype(jnp.int32) for w in widths[:-1])
+
+
+def nested_decode(codes: Codes, w_dec: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Every prefix's decoded codes (no bias), stacked (G, B, d), and its L0 (G,).
+
+    Sparse codes: one gathered decode per prefix group, each slot's value kept in its own group only, then
+    a running sum over groups. Dense codes: one matmul per column block of the decoder."""
+    if isinstance(codes, SparseCodes):
+        group = prefix_groups(codes.indices, widths)
+        parts = [gather_decode(codes.values * (group == g).astype(codes.values.dtype), codes.indices, w_dec)
+                 for g in range(len(widths))]
+        active = codes.values != 0
+        l0 = jnp.stack([jnp.mean(jnp.sum(active & (group <= g), axis=-1).astype(jnp.float32)) for g in range(len(widths))])
+    else:
+        starts = (0,) + widths[:-1]
+        parts = [codes[:, s:e] @ w_dec[s:e] for s, e in zip(starts, widths)]
+        l0 = jnp.stack([jnp.mean(jnp.sum(codes[:, :w] != 0, axis=-1).astype(jnp.float32)) for w in widths])
+    return jnp.cumsum(jnp.stack(parts), axis=0), l0
+
+
+class NestedView:
+    """The coder as a TopK-family training forward sees it, except that `reconstruct` returns every
+    prefix's reconstruction (stacked (G, B, d)) with each prefix's L0: the mechanisms' own selection
+    (BatchTopK's sparse path and its dense fallback, TopK's) runs unchanged and decodes all prefixes."""
+
+    def __init__(self, coder: SparseCoder, widths: tuple[int, ...]):
+        self._coder, self._widths = coder, widths
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._coder, name)
+
+    def reconstruct(self, codes: Codes, x: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        stacked, l0 = nested_decode(codes, self._coder.W_dec[...], self._widths)
+        return stacked + self._coder.b_dec[...], l0
+
+
+class PrefixLosses:
+    """Mixin for a TopK-family mechanism: train on every prefix. The stats carry each inner prefix's FVU and
+    L0 ("fvu_<width>", "l0_<width>") and "inner_loss": what the prefixes add to the full width's error
+    (sum of weight * mse over inner prefixes, plus (weight - 1) * mse of the full width), which
+    MatryoshkaSAE.loss adds to the loss."""
+
+    def init_prefixes(self, config: DecomposerConfig) -> None:
+        self.widths = tuple(config.prefix_widths)
+        self.weights = tuple(config.prefix_weights or [1.0] * len(self.widths))
+
+    def train_forward(self, coder, x, z0, batch):
+        (stacked, l0), codes, stats = super().train_forward(NestedView(coder, self.widths), x, z0, batch)
+        y = batch["y"].astype(jnp.float32)
+        mse = jnp.mean(jnp.sum((stacked - y) ** 2, axis=-1), axis=-1)  # (G,)
+        total_var = jnp.maximum(jnp.mean(jnp.sum((y - y.mean(0)) ** 2, axis=-1)), 1e-12)
+        weights = jnp.asarray(self.weights, jnp.float32)
+        stats = {**stats, "inner_loss": jnp.sum(weights * mse) - mse[-1]}
+        for i, w in enumerate(self.widths[:-1]):
+            stats[f"fvu_{w}"], stats[f"l0_{w}"] = mse[i] / total_var, l0[i]
+        return stacked[-1], codes, stats
+
+
+class MatryoshkaBatchTopKSparsity(PrefixLosses, BatchTopKSparsity):
+    """BatchTopK selection, every prefix trained; inference and export as BatchTopK (a global threshold)."""
+
+    name: ClassVar[str] = "matryoshka_batchtopk"
+    fields: ClassVar[tuple[type, ...]] = (MatryoshkaFields, BatchTopKFields, TopKFields)
+
+    def __init__(self, config: DecomposerConfig):
+        super().__init__(config)
+        self.init_prefixes(config)
+
+
+class MatryoshkaTopKSparsity(PrefixLosses, TopKSparsity):
+    """Per-token TopK selection, every prefix trained; inference and export as TopK."""
+
+    name: ClassVar[str] = "matryoshka_topk"
+    fields: ClassVar[tuple[type, ...]] = (MatryoshkaFields, TopKFields)
+
+    def __init__(self, config: DecomposerConfig):
+        super().__init__(config)
+        self.init_prefixes(config)
+
+
+MECHANISMS: dict[str, type[Sparsity]] = {"batchtopk": MatryoshkaBatchTopKSparsity, "topk": MatryoshkaTopKSparsity}
+
+
+@dataclasses.dataclass
+class MatryoshkaConfig(MatryoshkaFields, BatchTopKFields, TopKFields, SparseCoderConfig):
+    """A Matryoshka SAE: `selection` picks the mechanism (BatchTopK's fields are unused under "topk")."""
+
+    mechanism_cls: ClassVar[type[Sparsity]] = MatryoshkaBatchTopKSparsity
+
+    def mechanism(self) -> type[Sparsity]:
+        check(self.selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        return MECHANISMS[self.selection]
+
+    def validate(self) -> None:
+        check_prefixes(self)
+
+
+@register
+class MatryoshkaSAE(SparseCoder):
+    """SAE whose nested prefixes of latents each reconstruct the input: the loss sums their errors."""
+
+    kind: ClassVar[str] = "matryoshka"
+    config_cls: ClassVar[type[DecomposerConfig]] = MatryoshkaConfig
+    example: ClassVar[dict] = {"hookpoint_in": "resid_post", "expansion": 4, "k": 8}
+
+    def loss(self, batch: dict[str, jax.Array], optional: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+        total, metrics = super().loss(batch, optional)
+        return total + metrics["inner_loss"], metrics
