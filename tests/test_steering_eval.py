@@ -193,6 +193,20 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus, known_decomposer
     assert set(judges["base_rate"]["sport"]) == {"probe", "lexical", "both", "judged"}
 
 
+def test_semi_nmf_evaluates_at_the_mlp_hidden_site(tiny_gpt2, smol, corpus):
+    """A hidden-site dictionary goes through the same evaluation as any other: calibrated, compared with a random
+    direction at its own site, and its features' vocabulary projections taken through W_out."""
+    cfg = SteeringConfig(kl_targets=[0.005], summary_kl=0.005, n_prompts=3, samples_per_prompt=1, max_new_tokens=4,
+                         n_features=2, concepts=[], corpus=corpus, windows_per_class=8, held_out_windows=4, batch_size=8)
+    res = evaluate_steering(tiny_gpt2, smol.tokenizer, {"snmf": _snmf()}, None, cfg)
+    assert set(res["records"]) == {"snmf", "random@mlp_hidden.1"}
+    rec = res["records"]["snmf"]
+    assert rec["kind"] == "snmf" and rec["hookpoint"] == "mlp_hidden.1"
+    assert rec["calibration"]["converged_fraction"] == 1.0
+    point = rec["feature_curve"][0]
+    assert point["n_features"] == 2 and point["output_token_mass"] is not None
+
+
 def test_fluency_gates_reject_word_salad_and_repetition_on_smollm2(smol):
     """The failure modes that fool a probe: the real model's loss and the bigram share catch them."""
     tok = smol.tokenizer
