@@ -100,3 +100,25 @@ def test_calibration_on_smollm2_within_ten_percent(smol):
         measured = independent_kl(smol.model, hp, prompts, v, r.alpha)
         assert abs(measured - target) <= 0.1 * target
         assert 0.05 < abs(r.alpha) / r.activation_norm < 2.0  # a sane share of the residual norm
+
+
+def test_calibration_behind_a_post_norm_reports_saturation():
+    """OLMo 2 renormalises the MLP's own output (mlp_out_pre_norm) before adding it, so what steering adds there
+    is bounded (here by a small post-norm gain against a large residual stream): the target is out of reach and
+    the search stops early with converged=False and saturated=True. At mlp_out (after the post-norm) it is not."""
+    from transformers import AutoModelForCausalLM, Olmo2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Olmo2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+        max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(100)  # a residual stream that dwarfs the post-normed MLP output
+        model.lm_head.weight.mul_(30)  # logits that respond to it
+        model.model.layers[0].post_feedforward_layernorm.weight.fill_(0.02)
+    prompts = [[5, 17, 30], [42, 7], [10, 20, 33, 40, 5]]
+    v = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    r = calibrate_alpha(model, "mlp_out_pre_norm.0", v, prompts, target_kl=0.5, max_forwards=16)
+    assert not r.converged and r.saturated and r.n_forwards < 16 and r.kl < 0.01
+    ok = calibrate_alpha(model, "mlp_out.0", v, prompts, target_kl=0.5, max_forwards=16)
+    assert ok.converged and not ok.saturated
