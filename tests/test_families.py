@@ -39,14 +39,19 @@ def _config(name: str):
         "gemma2": lambda: t.Gemma2Config(**GQA, head_dim=16, **SLIDING, final_logit_softcapping=5.0),
         "gemma3_text": lambda: t.Gemma3TextConfig(**GQA, head_dim=16, **SLIDING),
         "olmo2": lambda: t.Olmo2Config(**GQA),
+        "gemma3": lambda: t.Gemma3Config(  # the multimodal model: its language model is the family's
+            text_config=t.Gemma3TextConfig(**dict(GQA, vocab_size=300), head_dim=16, **SLIDING),
+            vision_config=t.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298),
     }[name]()
 
 
 NAMES = ["gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
-         "gemma3_text", "olmo2"]
+         "gemma3_text", "gemma3", "olmo2"]
 EXPECTED = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "gpt_neox_sequential": "GPT-NeoX", "llama": "Llama",
             "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi-3", "gemma2": "Gemma 2",
-            "gemma3_text": "Gemma 3 (text)", "olmo2": "OLMo 2"}
+            "gemma3_text": "Gemma 3 (text)", "gemma3": "Gemma 3 (multimodal, its language model)", "olmo2": "OLMo 2"}
 
 
 def _set_gains_away_from_one(model: torch.nn.Module, offset: float) -> None:

@@ -368,7 +368,8 @@ def final_logits(model: torch.nn.Module, residual: torch.Tensor) -> torch.Tensor
     """Logits from the last block's output: final norm, unembedding, and the family's logit softcap if set."""
     family = family_of(model)
     logits = model.get_submodule(family.unembed)(model.get_submodule(family.final_norm)(residual))
-    cap = getattr(model.config, family.logit_softcap, None) if family.logit_softcap else None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, family.logit_softcap, None) if family.logit_softcap else None
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
