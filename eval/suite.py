@@ -1,21 +1,17 @@
-"""The evaluation suite: score every decomposer of a run the same way and write the comparison report.
+"""The evaluation stage: score decomposers the same way, whatever their kind.
 
-    out_dir/decomposers/<name>/   ->   out_dir/eval/metrics.json, report.md, plots/, feature_cards/<name>/,
-                                       records/<name>.json (one per decomposer, reused while nothing changed),
-                                       steering.json (when [eval.steering] is given)
+    records = evaluate(decomposers, model, cache, cfg, cards_dir=...)   # {name: record}
 
 One pass over the held-out rows of the cache feeds every decomposer the same batches (reconstruction,
 sparsity, feature statistics and top contexts); one set of clean and zero-ablated model runs serves every
-decomposer's spliced-in downstream loss; steering is the separate `eval.steering` module.
+decomposer's spliced-in downstream loss; steering is the separate `eval.steering` package. The shards read
+are checked against their sha256 first, and a metric that is not finite is an error naming the decomposer
+and the shards. Where the decomposers, model and cache come from, and which results are still up to date,
+is the run's business (dictlearn.run and `dictlearn eval`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib
-import json
-import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +20,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from dictlearn.activations.cache import ActivationCache, to_float32
-from dictlearn.eval.report import json_safe
 
 RECORDS = "records"
+SHARD_KEY = "_shard"  # per-row shard index carried through the eval batches (to name a shard in errors)
 
 
 class EvalError(ValueError):
@@ -48,7 +44,6 @@ class EvalConfig:
     context_after: int = 4  # and after it
     n_vocab_tokens: int = 10  # promoted tokens per card
     decomposers: list[str] = field(default_factory=list)  # names to evaluate ([]: every one under decomposers/)
-    cache: str = ""  # the activation cache ("": train.cache, else <out_dir>/cache)
     torch_threads: int = 0  # torch intra-op threads (0: torch's default; 1 is fastest on a busy shared CPU)
     seed: int = 0
     steering: dict[str, Any] | None = None  # the [eval.steering] table (eval.steering.SteeringConfig); absent: no steering
@@ -63,42 +58,6 @@ class EvalConfig:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.downstream_context == 1:
             raise ValueError("downstream_context must be 0 (the whole sequence) or at least 2 tokens")
-
-
-# --- finding and loading decomposers ------------------------------------------------------------------------------
-def load_kinds() -> None:
-    """Import every module of dictlearn.decomposers so that each kind registers itself."""
-    import dictlearn.decomposers as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
-
-
-def find_decomposers(folder: Path, names: list[str]) -> dict[str, Path]:
-    """name -> folder of every saved decomposer under `folder` (or just `names`, which must exist)."""
-    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
-
-    found = {p.name: p for p in sorted(folder.glob("*")) if (p / CONFIG_FILE).is_file() and (p / PARAMS_FILE).is_file()}
-    if names:
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise EvalError(f"eval.decomposers names {missing}, not saved under {folder}; "
-                            f"saved: {', '.join(found) or 'none (run dictlearn train first)'}")
-        return {n: found[n] for n in names}
-    if not found:
-        raise EvalError(f"no trained decomposers under {folder}; run `dictlearn train CONFIG.toml` first")
-    return found
-
-
-def _fingerprint(folder: Path, parts: dict[str, Any]) -> str:
-    """Changes when the decomposer's files, the eval config or the cache change."""
-    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
-
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for f in (CONFIG_FILE, PARAMS_FILE):
-        st = (folder / f).stat()
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 # --- reading the held-out rows ----------------------------------------------------------------------------------
@@ -125,18 +84,27 @@ def eval_batches(cache: ActivationCache, keys: list[str], n_rows: int, batch_siz
     have = 0
     for shard, take in eval_row_quota(cache, n_rows):
         arrays = cache.shard_arrays(shard, keys)
+        arrays[SHARD_KEY] = np.full(take, shard, np.int32)
+        keys_here = list(arrays)
         for start in range(0, take, batch_size):
             stop = min(take, start + batch_size)
             pending.append({k: v[start:stop] for k, v in arrays.items()})
             have += stop - start
             while have >= batch_size:
-                joined = {k: np.concatenate([p[k] for p in pending]) for k in keys}
+                joined = {k: np.concatenate([p[k] for p in pending]) for k in keys_here}
                 yield {k: _as_float(v[:batch_size]) for k, v in joined.items()}
                 rest = {k: v[batch_size:] for k, v in joined.items()}
                 have -= batch_size
                 pending = [rest] if have else []
     if have:
-        yield {k: _as_float(np.concatenate([p[k] for p in pending])) for k in keys}
+        yield {k: _as_float(np.concatenate([p[k] for p in pending])) for k in pending[0]}
+
+
+def verify_eval_shards(cache: ActivationCache, n_rows: int) -> None:
+    """Check the sha256 of every held-out shard eval reads (a byte flipped after the harvest is refused,
+    naming the shard), before any of it is scored."""
+    for shard, _ in eval_row_quota(cache, n_rows):
+        cache.shard_arrays(shard, [], verify=True)
 
 
 def _as_float(a: np.ndarray) -> np.ndarray:
@@ -158,97 +126,48 @@ DOWNSTREAM_KEYS = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_increase", "
                    "kl_ablated", "kl_score", "n_downstream_tokens")
 
 
-def evaluate_run(root: Path, cfg: EvalConfig, force: bool = False, log: Callable[[str], None] = print,
-                 cache_path: Path | None = None, model_config: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every decomposer under root/decomposers against the cache; write root/eval. Returns metrics.
+def needs_model(cfg: EvalConfig) -> bool:
+    """Whether `evaluate` with these options runs the language model (downstream loss or feature cards)."""
+    return cfg.n_downstream_sequences > 0 or cfg.n_feature_cards > 0
 
-    model_config: a `ModelConfig` (the run's [model] table) to load the model with; None: the cache's model
-    on the CPU. Either way its weights must be the ones the cache was harvested from."""
-    from dictlearn.decomposers.base import load
 
-    t_start = time.perf_counter()
-    out = root / "eval"
-    steering_cfg = _steering_config(cfg)  # a bad [eval.steering] fails before any work
-    cache = ActivationCache.open(cache_path or root / "cache")
-    cache.verify(checksums=False)
-    folders = find_decomposers(root / "decomposers", cfg.decomposers)
-    load_kinds()
-    decomposers = {name: load(folder) for name, folder in folders.items()}
+def evaluate(decomposers: dict[str, Any], model: Any, cache: ActivationCache, cfg: EvalConfig, *,
+             cards_dir: Path | None = None, log: Callable[[str], None] = print, progress: bool = True
+             ) -> dict[str, dict[str, Any]]:
+    """Score `decomposers` ({name: Decomposer}) on the held-out rows of `cache`; {name: record}.
+
+    model: the LoadedModel the cache was harvested from (None is fine when `needs_model(cfg)` is False);
+    cards_dir: where feature cards go (<cards_dir>/<name>/; None: no cards)."""
     for name, d in decomposers.items():
         for hp in (d.config.hookpoint_in, d.config.hookpoint_out):
             if hp not in cache.hookpoints:
                 raise EvalError(f"decomposer {name!r} uses {hp}, which the cache at {cache.path} does not hold "
                                 f"(it holds {', '.join(cache.hookpoints)})")
-    basis = {"eval": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("decomposers", "steering", "torch_threads")},
-             "cache": [cache.manifest.get("n_rows"), cache.manifest.get("model"), len(cache.shards)]}
-    fingerprints = {n: _fingerprint(folders[n], basis) for n in decomposers}
-    records: dict[str, dict] = {}
-    for n in decomposers:
-        path = out / RECORDS / f"{n}.json"
-        if not force and path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("fingerprint") == fingerprints[n]:
-                records[n] = old
-    todo = {n: d for n, d in decomposers.items() if n not in records}
-    if records:
-        log(f"eval: reusing the results of {', '.join(records)} (unchanged; --force re-evaluates)")
-
-    model = None
-    if todo:
-        log(f"eval: {len(todo)} decomposer(s) on up to {cfg.n_eval_rows:,} held-out rows of {cache.path}")
-        recon = _reconstruction(cache, todo, cfg, log, progress)
-        needs_model = cfg.n_downstream_sequences > 0 or cfg.n_feature_cards > 0 or steering_cfg is not None
-        if needs_model:
-            model = _load_model(cache, cfg, model_config)
-        down = _downstream(model, cache, todo, cfg, log, progress) if cfg.n_downstream_sequences > 0 else ({}, 0.0)
-        for n, d in todo.items():
-            t0 = time.perf_counter()
-            if cfg.n_feature_cards > 0:
-                _cards(model, cache, n, d, recon, cfg, out / "feature_cards" / n)
-            acc, seconds = recon["acc"][n], recon["seconds"][n]
-            records[n] = {
-                "name": n, "kind": d.kind, "hookpoint_in": d.config.hookpoint_in, "hookpoint_out": d.config.hookpoint_out,
-                "d_in": d.config.d_in, "d_out": d.config.d_out, "n_features": d.config.n_features,
-                **acc.metrics(),
-                **{k: down[0].get(n, {}).get(k) for k in DOWNSTREAM_KEYS},
-                "steering": None,
-                "seconds": {"reconstruction": seconds, "downstream": down[1] / len(todo),
-                            "feature_cards": time.perf_counter() - t0},
-                "fingerprint": fingerprints[n],
-            }
-            (out / RECORDS).mkdir(parents=True, exist_ok=True)
-            (out / RECORDS / f"{n}.json").write_text(json.dumps(json_safe(records[n]), indent=1))
-
-    steering = None
-    if steering_cfg is not None:
-        steering = _steering(out, cache, decomposers, fingerprints, steering_cfg, cfg, model, model_config, log)
-        for n in records:
-            rec = (steering or {}).get("records", {}).get(n)
-            records[n]["steering"] = rec.get("summary") if rec else None
-
-    from dictlearn.eval.report import write_report
-
-    meta = {"cache": str(cache.path), "model": cache.model_name, "n_eval_rows": cfg.n_eval_rows,
-            "eval_config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - t_start}
-    ordered = [json_safe(records[n]) for n in decomposers]
-    write_report(out, meta, ordered, steering=json_safe(steering) if steering else None)
-    log(f"eval: wrote {out / 'metrics.json'} and {out / 'report.md'} in {meta['seconds']:.0f} s")
-    return {"meta": meta, "decomposers": ordered}
-
-
-def _load_model(cache: ActivationCache, cfg: EvalConfig, model_config: Any = None):
-    import torch
-
-    from dictlearn.activations.models import load_model
-
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    info = cache.manifest["model"]
-    loaded = model_config.load() if model_config is not None else load_model(info["name"], dtype=info.get("dtype", "float32"))
-    if info.get("fingerprint") and loaded.fingerprint != info["fingerprint"]:
-        raise EvalError(f"the model {info['name']!r} now has weights {loaded.fingerprint}, but the cache was harvested "
-                        f"from {info['fingerprint']}; harvest and train again, or point eval.cache at a matching cache")
-    return loaded
+    if not decomposers:
+        return {}
+    if model is None and needs_model(cfg):
+        raise EvalError("the downstream loss and feature cards need the language model; pass it, or set "
+                        "eval.n_downstream_sequences = 0 and eval.n_feature_cards = 0")
+    verify_eval_shards(cache, cfg.n_eval_rows)
+    log(f"eval: {len(decomposers)} decomposer(s) on up to {cfg.n_eval_rows:,} held-out rows of {cache.path}")
+    recon = _reconstruction(cache, decomposers, cfg, log, progress)
+    down = _downstream(model, cache, decomposers, cfg, log, progress) if cfg.n_downstream_sequences > 0 else ({}, 0.0)
+    records = {}
+    for n, d in decomposers.items():
+        t0 = time.perf_counter()
+        if cfg.n_feature_cards > 0 and cards_dir is not None:
+            _cards(model, cache, n, d, recon, cfg, Path(cards_dir) / n)
+        acc, seconds = recon["acc"][n], recon["seconds"][n]
+        records[n] = {
+            "name": n, "kind": d.kind, "hookpoint_in": d.config.hookpoint_in, "hookpoint_out": d.config.hookpoint_out,
+            "d_in": d.config.d_in, "d_out": d.config.d_out, "n_features": d.config.n_features,
+            **acc.metrics(),
+            **{k: down[0].get(n, {}).get(k) for k in DOWNSTREAM_KEYS},
+            "steering": None,
+            "seconds": {"reconstruction": seconds, "downstream": down[1] / len(decomposers),
+                        "feature_cards": time.perf_counter() - t0},
+        }
+    return records
 
 
 def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
@@ -274,7 +193,9 @@ def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
         padded = {k: _pad(v, cfg.batch_size) for k, v in batch.items() if k in keys}
         for n, d in todo.items():
             t = time.perf_counter()
-            accs[n].add(fns[n](padded[d.config.hookpoint_in], padded[d.config.hookpoint_out], w), row_offset=offset)
+            sums = fns[n](padded[d.config.hookpoint_in], padded[d.config.hookpoint_out], w)
+            _check_finite(n, sums, cache, batch[SHARD_KEY])
+            accs[n].add(sums, row_offset=offset)
             seconds[n] += time.perf_counter() - t
         seqs.append(batch["seq"])
         poss.append(batch["pos"])
@@ -283,8 +204,26 @@ def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
     bar.close()
     for n in todo:
         m = accs[n].metrics()
+        bad = [k for k, v in m.items() if isinstance(v, float) and not np.isfinite(v)]
+        if bad:
+            raise EvalError(f"decomposer {n!r}: {', '.join(bad)} is not finite on the held-out rows of {cache.path} "
+                            f"(shards {', '.join(cache.shards[i]['file'] for i, _ in eval_row_quota(cache, cfg.n_eval_rows))})")
         log(f"eval: {n}: fvu {m['fvu']:.4f}  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}  ({seconds[n]:.1f} s)")
     return {"acc": accs, "seconds": seconds, "row_seq": np.concatenate(seqs), "row_pos": np.concatenate(poss)}
+
+
+_SUMS = ("sse", "ev_sum", "cos_sum", "norm_in_sum", "norm_out_sum", "ratio_sum", "xhat2_sum", "dot_sum", "l0_sum",
+         "l1_sum", "m2")
+
+
+def _check_finite(name: str, sums: dict[str, Any], cache: ActivationCache, shard_ids: np.ndarray) -> None:
+    """A batch whose sums are not finite is an error naming the decomposer and the shards it came from."""
+    bad = [k for k in _SUMS if k in sums and not np.isfinite(float(sums[k]))]
+    if bad:
+        files = ", ".join(cache.shards[int(i)]["file"] for i in np.unique(shard_ids))
+        raise EvalError(f"decomposer {name!r}: {', '.join(bad)} is not finite on held-out rows from {files} of "
+                        f"{cache.path} (an activation there is inf or nan, or the decomposer overflows on it); "
+                        f"check that shard with `dictlearn cache verify` or harvest again")
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:
@@ -328,35 +267,14 @@ def _cards(loaded, cache, name, d, recon, cfg, folder: Path) -> None:
     write_cards(folder, name, meta, cards, stats)
 
 
-def _steering_config(cfg: EvalConfig):
+def steering_config(cfg: EvalConfig):
+    """The [eval.steering] table as a SteeringConfig (None: no steering); a bad table fails before any work."""
     if cfg.steering is None:
         return None
     from dictlearn.config import from_dict
     from dictlearn.eval.steering import SteeringConfig
 
     return from_dict(SteeringConfig, cfg.steering, where="[eval.steering]")
-
-
-def _steering(out, cache, decomposers, fingerprints, steering_cfg, cfg, loaded, model_config, log) -> dict | None:
-    """Run eval.steering over every decomposer (reused while no decomposer and no option changed)."""
-    from dictlearn.eval.steering import evaluate_steering
-
-    path = out / "steering.json"
-    key = hashlib.sha256(json.dumps([fingerprints, dataclasses.asdict(steering_cfg)], sort_keys=True).encode()).hexdigest()[:16]
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("fingerprint") == key:
-            log("eval: reusing steering.json (unchanged)")
-            return old
-    if loaded is None:
-        loaded = _load_model(cache, cfg, model_config)
-    t0 = time.perf_counter()
-    result = evaluate_steering(loaded.model, loaded.tokenizer, decomposers, cache, steering_cfg, log=log)
-    result = json_safe({**result, "fingerprint": key, "seconds": time.perf_counter() - t0})
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    log(f"eval: steering in {result['seconds']:.0f} s")
-    return result
 
 
 class _NoBar:

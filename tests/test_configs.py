@@ -17,14 +17,13 @@ from dictlearn.activations.corpus import CorpusConfig
 from dictlearn.activations.harvest import HarvestConfig
 from dictlearn.activations.hookpoints import resolve
 from dictlearn.activations.models import ModelConfig
-from dictlearn.cli.common import read_run_config
-from dictlearn.cli.train import build_spec
+from dictlearn.run import read_run_config
 from dictlearn.config import from_dict
 from dictlearn.export import ExportConfig
 from dictlearn.eval.suite import EvalConfig
 from dictlearn.trainers.logging import WandbConfig
-from dictlearn.trainers.sgd import TrainConfig
-from dictlearn.trainers.snmf import parse_table
+from dictlearn.trainers.sgd import train_config
+from dictlearn.trainers.spec import build_spec
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
@@ -53,7 +52,7 @@ def test_config_parses_and_names_real_hookpoints(path: Path, tmp_path: Path):
     model_cfg = from_dict(ModelConfig, data["model"])
     from_dict(CorpusConfig, data["corpus"])
     harvest = from_dict(HarvestConfig, data["harvest"])
-    from_dict(TrainConfig, data.get("train", {}))
+    train_config(data.get("train", {}))
     from_dict(EvalConfig, data.get("eval", {}))
     from_dict(ExportConfig, data.get("export", {}))
     from_dict(WandbConfig, data.get("wandb", {}))
@@ -71,8 +70,11 @@ def test_config_parses_and_names_real_hookpoints(path: Path, tmp_path: Path):
     for table in data["decomposers"]:
         assert table["hookpoint_in"] in harvest.hookpoints
         assert table.get("hookpoint_out", table["hookpoint_in"]) in harvest.hookpoints
-        if table["kind"] == "snmf":
-            assert resolved[table["hookpoint_in"]].module_path.endswith(("down_proj", "c_proj", "dense_4h_to_h"))
-            parse_table(table)
-        else:
-            build_spec(table, widths, tmp_path / table["name"], where=path.name)
+        build_spec(table, widths, tmp_path / table["name"], where=path.name)
+
+
+def test_removed_train_key_says_what_replaced_it():
+    from dictlearn.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dead_window_tokens` is no longer a \[train\] option.*`dead_tokens`"):
+        train_config({"dead_window_tokens": 1000})

@@ -99,7 +99,7 @@ def test_dictlearn_eval_end_to_end(smol_cache, tmp_path, capsys, saved_linear_ki
     save_decomposers(root, smol_cache)
     config = tmp_path / "run.toml"
     config.write_text(f'out_dir = "{root}"\n[eval]\nn_eval_rows = 1500\nbatch_size = 512\nn_downstream_sequences = 2\n'
-                      f'downstream_context = 24\nn_feature_cards = 3\ntop_k_contexts = 4\ncache = "{smol_cache.path}"\n')
+                      f'downstream_context = 24\nn_feature_cards = 3\ntop_k_contexts = 4\n[train]\ncache = "{smol_cache.path}"\n')
     assert main(["eval", str(config)]) == 0
     out = root / "eval"
     tokens = downstream_sequences(smol_cache, 2, 24)[:, :-1]
@@ -136,6 +136,6 @@ def test_dictlearn_eval_errors(smol_cache, tmp_path, capsys):
     config.write_text(f'out_dir = "{tmp_path / "run"}"\n[eval]\nn_eval_rowz = 5\n')
     assert main(["eval", str(config)]) == 1
     assert "n_eval_rowz" in capsys.readouterr().err
-    config.write_text(f'out_dir = "{tmp_path / "run"}"\n[eval]\ncache = "{smol_cache.path}"\n')
+    config.write_text(f'out_dir = "{tmp_path / "run"}"\n[train]\ncache = "{smol_cache.path}"\n')
     assert main(["eval", str(config)]) == 1
     assert "dictlearn train" in capsys.readouterr().err  # no decomposers yet

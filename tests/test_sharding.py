@@ -39,7 +39,7 @@ for data, model in [(1, 1), (2, 2)]:
     mesh = sharding.make_mesh(data, model, devices=jax.devices()[: data * model])
     folder = out / f"mesh{{data}}x{{model}}"
     train([T.spec(folder)], ArraySource({{"act": x}}, 64, 0), T.train_cfg(n_steps=40, checkpoint_every=40, log_every=40),
-          folder, WandbConfig(mode="disabled"), mesh=mesh)
+          WandbConfig(mode="disabled"), mesh=mesh, log_dir=folder)
     # how the state and a batch are laid out on this mesh
     spec = T.spec(folder)
     import dictlearn.decomposers.base as base

@@ -39,6 +39,7 @@ class TinySAE(base.Decomposer):
         self.b_pre = nnx.Param(np.zeros(config.d_in, np.float32))
         self.b_dec = nnx.Param(np.zeros(config.d_out, np.float32))
         self.steps_done = nnx.Variable(np.zeros((), np.int32))
+        self.tokens_since_fired = nnx.Variable(np.zeros(config.n_features, np.int32))  # the decomposer counts dead latents
 
     def encode(self, x):
         return jax.nn.relu((x - self.b_pre[...]) @ self.W_enc[...] + self.b_enc[...])
@@ -54,7 +55,9 @@ class TinySAE(base.Decomposer):
         loss = mse + self.config.l1 * jnp.mean(jnp.sum(z * jnp.linalg.norm(self.W_dec[...], axis=1), -1))
         if self.config.explode_at:
             loss = jnp.where(self.steps_done[...] >= self.config.explode_at, jnp.nan, loss)
-        metrics = {"mse": mse, "fvu": mse / var, "l0": jnp.mean(jnp.sum(z > 0, -1)), "fired": jnp.any(z > 0, 0)}
+        metrics = {"mse": mse, "fvu": mse / var, "l0": jnp.mean(jnp.sum(z > 0, -1)), "fired": jnp.any(z > 0, 0),
+                   "rows": jnp.asarray(z.shape[0], jnp.int32),
+                   "dead_frac": jnp.mean((self.tokens_since_fired[...] >= 256).astype(jnp.float32))}
         return loss, metrics
 
     def features(self):
@@ -66,6 +69,8 @@ class TinySAE(base.Decomposer):
 
     def after_step(self, metrics):
         self.steps_done[...] += 1
+        since = self.tokens_since_fired[...]
+        self.tokens_since_fired[...] = jnp.where(metrics["fired"], 0, jnp.minimum(since + metrics["rows"], 1 << 30))
 
     def fold_input_scale(self, scale_in, scale_out):
         self.W_enc[...] = self.W_enc[...] * scale_in
@@ -108,12 +113,14 @@ def test_loss_decreases_on_planted_data(tmp_path):
 
     x = planted()
     source = ArraySource({"act": x}, batch_size=64, seed=0)
-    out = train([spec(tmp_path), spec(tmp_path, name="tiny_l1", l1=3e-2)], source, train_cfg(), tmp_path,
-                WandbConfig(mode="disabled"))
+    result = train([spec(tmp_path), spec(tmp_path, name="tiny_l1", l1=3e-2)], source, train_cfg(),
+                   WandbConfig(mode="disabled"))
+    out = result.folders
     for name in ("tiny", "tiny_l1"):
         log = read_log(out[name] / "train_log.jsonl")
         assert [r["step"] for r in log] == list(range(20, 201, 20))
         assert {"loss", "mse", "fvu", "l0", "dead_frac", "lr", "tokens", "tokens_per_s"} <= set(log[0])
+        assert result.logs[name] == log  # the trainer returns what it logged
         assert log[-1]["fvu"] < 0.3 * log[0]["fvu"], (log[0]["fvu"], log[-1]["fvu"])
         assert log[-1]["loss"] < log[0]["loss"]
         assert log[-1]["tokens"] == 200 * 64
@@ -124,6 +131,8 @@ def test_loss_decreases_on_planted_data(tmp_path):
     saved = base.load(out["tiny"])
     fvu = np.sum((np.asarray(saved(x)) - x) ** 2) / np.sum((x - x.mean(0)) ** 2)
     assert fvu < 0.3
+    returned = result.decomposers["tiny"]  # the returned dictionary is the saved one
+    np.testing.assert_array_equal(np.asarray(returned.W_dec[...]), np.asarray(saved.W_dec[...]))
 
 
 def _checkpoint_model(folder: Path, module: base.Decomposer, step: int):
@@ -153,8 +162,8 @@ def test_scale_folding_end_to_end(tmp_path, transcoder):
     else:
         s = spec(tmp_path)
     source = ArraySource(arrays, batch_size=64, seed=0)
-    out = train([s], source, train_cfg(n_steps=30, checkpoint_every=30, sample_tokens=1024), tmp_path,
-                WandbConfig(mode="disabled"))
+    out = train([s], source, train_cfg(n_steps=30, checkpoint_every=30, sample_tokens=1024),
+                WandbConfig(mode="disabled")).folders
     saved = base.load(out["tiny"])
     extra = json.loads((out["tiny"] / "config.json").read_text())["extra"]
     s_in, s_out = extra["input_scale"], extra["output_scale"]
@@ -181,7 +190,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     source = ArraySource({"act": planted(n_rows=1024)}, batch_size=64, seed=0)
     s = spec(tmp_path, explode_at=12)
     with pytest.raises(NonFiniteLoss, match=r"'tiny': the loss is nan at step 13 of 40.*last good checkpoint is step 10"):
-        train([s], source, train_cfg(n_steps=40, checkpoint_every=5, log_every=100), tmp_path, WandbConfig(mode="disabled"))
+        train([s], source, train_cfg(n_steps=40, checkpoint_every=5, log_every=100), WandbConfig(mode="disabled"))
     assert not (s.folder / "params.safetensors").exists()
     ck = Checkpointer(s.folder / "checkpoints")
     assert ck.steps() == [5, 10]
@@ -189,8 +198,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(nnx.state(model)))
     ck.close()
     # resuming those checkpoints with other settings is refused, naming what differs
-    with pytest.raises(CheckpointMismatch, match=r"lr: checkpoint 0.003 vs now 0.001.*delete .*checkpoints"):
-        train([s], source, train_cfg(n_steps=40, checkpoint_every=5, lr=1e-3), tmp_path, WandbConfig(mode="disabled"))
+    with pytest.raises(CheckpointMismatch, match=r"lr: saved 0.003, now 0.001.*delete .*checkpoints"):
+        train([s], source, train_cfg(n_steps=40, checkpoint_every=5, lr=1e-3), WandbConfig(mode="disabled"))
 
 
 def test_lr_schedule_shape():
@@ -311,7 +320,7 @@ def test_cli_trains_tiny_config_then_skips_finished(cli_run, capsys):
     # a finished folder with a different config is refused rather than reused
     config.write_text(config.read_text().replace("l1 = 0.01", "l1 = 0.02"))
     assert main(["train", str(config), "--only", "tiny32"]) == 1
-    assert "trained with a different config (l1: saved 0.01 vs config 0.02)" in capsys.readouterr().err
+    assert "trained with a different config (decomposer.config.l1: saved 0.01, now 0.02)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -388,25 +397,25 @@ k_aux = 32
 
 
 def test_cli_sends_snmf_tables_to_the_semi_nmf_solver(smol_cache, smol, tmp_path, monkeypatch):
-    """kind = "snmf" goes to trainers.snmf.train_snmf with the cache's MLP output weight, (d_mlp, d_model)."""
+    """kind = "snmf" goes to its own trainer (the kind's `trainer` attribute), which stores the residual
+    directions F^T W_out through the family's MLP output projection, W_out (d_mlp, d_model)."""
     import dictlearn.activations.models as models
-    import dictlearn.trainers.snmf
     from dictlearn.cli import main
 
-    calls, loaded = [], []
+    loaded = []
     monkeypatch.setattr(models, "load_model", lambda name, *a, **k: loaded.append(name) or smol)  # already loaded
-    monkeypatch.setattr(dictlearn.trainers.snmf, "train_snmf", lambda *args: calls.append(args) or args[2])
     config = tmp_path / "nmf.toml"
-    config.write_text(f'out_dir = "{tmp_path / "run"}"\n[train]\ncache = "{smol_cache.path}"\nseed = 3\n'
-                      '[[decomposers]]\nname = "nmf"\nkind = "snmf"\nhookpoint_in = "mlp_hidden.10"\nn_features = 64\n')
+    config.write_text(f'out_dir = "{tmp_path / "run"}"\n[train]\ncache = "{smol_cache.path}"\nprogress = false\n'
+                      '[wandb]\nmode = "disabled"\n'
+                      '[[decomposers]]\nname = "nmf"\nkind = "snmf"\nhookpoint_in = "mlp_hidden.10"\nn_features = 16\n'
+                      'max_iters = 3\nmax_rows = 512\nprogress = false\n')
     assert main(["train", str(config)]) == 0
-    (table, cache, folder, w_out, seed), = calls
     assert loaded == [smol_cache.model_name]
-    assert table["kind"] == "snmf" and table["n_features"] == 64 and cache.path == smol_cache.path
-    assert folder == tmp_path / "run" / "decomposers" / "nmf" and seed == 3
+    saved = base.load(tmp_path / "run" / "decomposers" / "nmf")
+    assert saved.kind == "snmf" and saved.config.n_features == 16 and saved.config.d_in == 1536
     down_proj = smol.model.model.layers[10].mlp.down_proj.weight.detach().float().numpy()  # (d_model, d_mlp)
-    assert w_out.shape == (1536, 576)
-    np.testing.assert_array_equal(w_out, down_proj.T)
+    f = np.asarray(saved.F[...])
+    np.testing.assert_allclose(np.asarray(saved.resid_features()), f.T @ down_proj.T, rtol=1e-4, atol=1e-5)
 
 
 def _train_cli_on(cache, tmp_path, name: str, tables: str) -> Path:

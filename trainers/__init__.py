@@ -1,6 +1,27 @@
-"""Training loops: the jitted SGD trainer for autoencoder-style decomposers (`trainers.sgd`), the semi-NMF
-solver (`trainers.snmf`), and their shared pieces: optimiser and schedule (`optim`), orbax checkpoints
-(`checkpoint`), logs (`logging`), device meshes (`sharding`), input scaling (`scaling`), batch sources (`data`).
+"""Trainers: fit decomposers to activations. One protocol for every trainer:
 
-Trainers import the decomposers and the activation data path, never the evaluation suite.
+    train(specs, source, cfg, wandb_cfg=None, *, log_dir=None, mesh=None, output_projection=None) -> TrainResult
+
+`sgd` fits every autoencoder-style kind in one shared pass; `snmf` solves semi-NMF. `train` below groups
+the specs by their kind's `trainer` attribute and hands each group to its trainer.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from dictlearn.trainers.spec import DecomposerSpec, TrainResult, trainer_module, trainer_name
+
+
+def train(specs: list[DecomposerSpec], source: Any, cfg: Any, wandb_cfg: Any = None, **kwargs: Any) -> TrainResult:
+    """Train every spec with its kind's trainer on `source` (a BatchSource holding every key they read)."""
+    groups: dict[str, list[DecomposerSpec]] = {}
+    for spec in specs:
+        groups.setdefault(trainer_name(spec.kind), []).append(spec)
+    result = TrainResult({}, {}, {})
+    for name, group in groups.items():
+        module = trainer_module(name)
+        batch_size = cfg.batch_size if name == "sgd" else source.batch_size
+        view = source if name != "sgd" or source.batch_size == batch_size else source.view(source.keys, batch_size)
+        result = result.merge(module.train(group, view, cfg, wandb_cfg, **kwargs))
+    return result

@@ -17,10 +17,13 @@ Batch = dict[str, np.ndarray]
 class BatchSource(Protocol):
     keys: list[str]
     batch_size: int
+    identity: str | None  # what the rows are, by content (a cache's identity); None: not tracked
 
     def rows(self) -> int: ...
     def iterate(self, start_batch: int = 0) -> Iterator[Batch]: ...
     def sample(self, n_rows: int) -> Batch: ...
+    def view(self, keys: list[str], batch_size: int) -> "BatchSource": ...
+    def describe(self) -> str | None: ...
 
 
 class ArraySource:
@@ -35,8 +38,16 @@ class ArraySource:
         self.batch_size = batch_size
         self.seed = seed
         self.n = next(iter(lengths.values()))
+        self.identity = None
         if self.n < batch_size:
             raise ValueError(f"{self.n} rows are fewer than one batch of {batch_size}")
+
+    def view(self, keys: list[str], batch_size: int) -> "ArraySource":
+        """The same rows, fewer keys, another batch size (at most the row count)."""
+        return ArraySource({k: self.arrays[k] for k in keys}, min(batch_size, self.n), self.seed)
+
+    def describe(self) -> str | None:
+        return None
 
     def rows(self) -> int:
         return self.n
@@ -62,9 +73,18 @@ class CacheSource:
 
     def __init__(self, cache, keys: list[str], batch_size: int, seed: int = 0):
         from dictlearn.activations.loader import BatchLoader
+        from dictlearn.run import cache_identity
 
         self.cache, self.keys, self.batch_size, self.seed = cache, list(keys), batch_size, seed
+        self.identity = cache_identity(cache)
         self.loader = BatchLoader(cache, keys=self.keys, batch_size=batch_size, split="train", seed=seed)
+
+    def view(self, keys: list[str], batch_size: int) -> "CacheSource":
+        """The same cache, fewer keys, another batch size (at most the train split's rows)."""
+        return CacheSource(self.cache, keys, min(batch_size, int(self.cache.rows("train"))), self.seed)
+
+    def describe(self) -> str:
+        return f"the cache at {self.cache.path} (identity {self.identity})"
 
     def rows(self) -> int:
         return int(self.loader.rows("train"))

@@ -1,9 +1,9 @@
 """The SGD trainer: several autoencoder-style decomposers trained in one pass over the same batches.
 
 Per step, for every decomposer and inside one jitted function: `loss(batch)` under value-and-grad,
-`project_grads`, the Adam update, `after_step`, and the trainer's dead-latent counters. The function is
-pure (`nnx.split` state in, state out, donated), so the hot path carries no Python graph traversal and
-the state is exactly what a checkpoint holds.
+`project_grads`, the Adam update and `after_step` (where a decomposer updates its own state, such as its
+dead-latent counters). The function is pure (`nnx.split` state in, state out, donated), so the hot path
+carries no Python graph traversal and the state is exactly what a checkpoint holds.
 
 Inputs are scaled to unit mean squared norm per activation key (x and y of a transcoder get separate
 scales); the saved dictionary has the scales folded back in and reads raw activations.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dictlearn.config import ConfigError, from_dict
 from dictlearn.decomposers import base
 from dictlearn.trainers import optim, scaling, sharding
-from dictlearn.trainers.checkpoint import CheckpointMismatch, Checkpointer, check_signature, common_step
+from dictlearn.trainers.checkpoint import CACHE_KEY, CheckpointMismatch, Checkpointer, common_step, restore_newest
 from dictlearn.trainers.data import BatchSource
-from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig
+from dictlearn.trainers.diskfull import disk_full, is_disk_full
+from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig, read_log
+from dictlearn.trainers.spec import NAME_RE, DecomposerSpec, TrainResult, data_keys  # noqa: F401 (re-exported)
 
 CHECKPOINT_DIR = "checkpoints"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+REMOVED_KEYS = {  # [train] keys that no longer exist -> what to do instead
+    "dead_window_tokens": "dead latents are counted by each decomposer now: set `dead_tokens` in its "
+                          "[[decomposers]] table instead",
+}
 
 
 @dataclasses.dataclass
@@ -51,7 +56,6 @@ class TrainConfig:
     grad_clip: float = 0.0  # global-norm clipping; 0: off
     scale_inputs: bool = True  # train on activations scaled to unit mean squared norm
     sample_tokens: int = 65536  # rows drawn to estimate the scales and for init_from_data
-    dead_window_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     log_every: int = 100
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -66,7 +70,7 @@ class TrainConfig:
     process_id: int = -1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "log_every", "checkpoint_every", "sample_tokens", "dead_window_tokens"):
+        for name in ("batch_size", "log_every", "checkpoint_every", "sample_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_tokens < 0 or self.n_steps < 0 or self.warmup_steps < 0:
@@ -77,8 +81,6 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.decay not in optim.DECAYS:
             raise ValueError(f"decay must be one of {', '.join(optim.DECAYS)}, got {self.decay!r}")
-        if self.dead_window_tokens >= 2**31 - 2**26:
-            raise ValueError("dead_window_tokens must stay below 2e9 (the counters are int32)")
 
     def total_steps(self, rows: int) -> int:
         if self.n_steps:
@@ -90,39 +92,30 @@ class TrainConfig:
     def math(self) -> dict[str, Any]:
         """The fields that change the trained parameters (a resumed run must match them)."""
         keep = ("batch_size", "warmup_steps", "decay", "decay_fraction", "final_lr_fraction", "adam_b1", "adam_b2",
-                "adam_eps", "grad_clip", "scale_inputs", "sample_tokens", "dead_window_tokens", "seed")
+                "adam_eps", "grad_clip", "scale_inputs", "sample_tokens", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
-@dataclasses.dataclass
-class DecomposerSpec:
-    """One dictionary to train: its kind and config, and the folder it is written to."""
+def train_config(table: dict[str, Any], where: str = "[train]") -> TrainConfig:
+    """The [train] table parsed strictly; a key that was removed says what replaced it."""
+    for key, instead in REMOVED_KEYS.items():
+        if key in table:
+            raise ConfigError(f"{where}: `{key}` is no longer a [train] option: {instead}")
+    return from_dict(TrainConfig, table, where=where)
 
-    name: str
-    kind: str
-    config: base.DecomposerConfig
-    folder: Path
-    lr: float | None = None  # None: TrainConfig.lr
+
+@dataclasses.dataclass
+class SGDOptions:
+    """The SGD trainer's keys in a `[[decomposers]]` table."""
+
+    lr: float | None = None  # this decomposer's peak learning rate (None: train.lr)
 
     def __post_init__(self) -> None:
-        if not NAME_RE.fullmatch(self.name):
-            raise ValueError(f"decomposer name {self.name!r} must be a plain folder name (letters, digits, . _ -)")
-        self.folder = Path(self.folder)
+        if self.lr is not None and (isinstance(self.lr, bool) or self.lr <= 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
 
-    @property
-    def x_key(self) -> str:
-        return self.config.hookpoint_in
 
-    @property
-    def y_key(self) -> str:
-        return self.config.hookpoint_out
-
-    @property
-    def grad_key(self) -> str:
-        return f"{self.config.hookpoint_out}@grad"
-
-    def keys(self) -> list[str]:
-        return list(dict.fromkeys([self.x_key, self.y_key] + ([self.grad_key] if self.config.needs_grad else [])))
+OPTIONS = SGDOptions
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,11 +126,6 @@ def finished(folder: str | Path) -> bool:
     """A decomposer folder holding a saved dictionary (written last, after the final checkpoint)."""
     folder = Path(folder)
     return (folder / base.CONFIG_FILE).is_file() and (folder / base.PARAMS_FILE).is_file()
-
-
-def data_keys(specs: list[DecomposerSpec]) -> list[str]:
-    """Every activation key a pass needs, in first-use order."""
-    return list(dict.fromkeys(k for s in specs for k in s.keys()))
 
 
 @dataclasses.dataclass
@@ -170,20 +158,22 @@ def _check_float32(model: base.Decomposer, name: str) -> None:
                             f"the trainer keeps parameters and optimiser state in float32")
 
 
-def _signature(spec: DecomposerSpec, cfg: TrainConfig, lr: float, n_steps: int) -> dict[str, Any]:
-    sig = {"kind": spec.kind, "config": dataclasses.asdict(spec.config), "lr": lr, "n_steps": n_steps, **cfg.math()}
+def _signature(spec: DecomposerSpec, cfg: TrainConfig, lr: float, n_steps: int, data: str | None) -> dict[str, Any]:
+    """Everything that decides the parameters: a resume must match it (data: the cache's identity)."""
+    sig = {"kind": spec.kind, "config": dataclasses.asdict(spec.config), "lr": lr, "n_steps": n_steps, **cfg.math(),
+           CACHE_KEY: data}
     return json.loads(json.dumps(sig))
 
 
-def _make_step(members: list[_Member], batch_size: int, dead_window: int):
+def _make_step(members: list[_Member]):
     """The pure step over every member: (states, batch) -> (states, per-member scalars).
 
-    Besides the decomposer's own metrics, each member reports the learning rate it used, the fraction
-    of dead latents (no firing in `dead_window` tokens) and `finite`: loss and every parameter finite."""
+    Besides the decomposer's own scalar metrics (dead_frac among them where the decomposer counts dead
+    latents), each member reports the learning rate it used and `finite`: loss and every parameter finite."""
 
     def step(states, batch):
         new_states, outs = [], []
-        for m, (model_state, opt_state, trainer_state) in zip(members, states):
+        for m, (model_state, opt_state) in zip(members, states):
             model = nnx.merge(m.model_def, model_state)
             opt = nnx.merge(m.opt_def, opt_state)
             view = m.view(batch)
@@ -192,20 +182,15 @@ def _make_step(members: list[_Member], batch_size: int, dead_window: int):
             grads = model.project_grads(grads)
             opt.update(model, grads)
             model.after_step(metrics)
-            if "fired" not in metrics:
-                raise KeyError(f"{m.spec.kind}.loss must return metrics['fired'] (n_features,) bool")
-            dead = trainer_state["dead_tokens"]
-            dead = jnp.where(metrics["fired"], 0, jnp.minimum(dead + batch_size, dead_window + batch_size)).astype(jnp.int32)
             new_model_state = nnx.state(model)
             params = jax.tree.leaves(nnx.state(model, nnx.Param))
-            scalars = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items() if k != "fired" and jnp.ndim(v) == 0}
+            scalars = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items() if jnp.ndim(v) == 0}
             scalars.update(
                 loss=jnp.asarray(loss, jnp.float32),
                 lr=jnp.asarray(lr, jnp.float32),
-                dead_frac=jnp.mean(dead >= dead_window),
                 finite=jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in params])),
             )
-            new_states.append((new_model_state, nnx.state(opt), {"dead_tokens": dead}))
+            new_states.append((new_model_state, nnx.state(opt)))
             outs.append(scalars)
         return new_states, outs
 
@@ -219,23 +204,27 @@ def train(
     specs: list[DecomposerSpec],
     source: BatchSource,
     cfg: TrainConfig,
-    out_dir: str | Path,
     wandb_cfg: WandbConfig | None = None,
+    *,
+    log_dir: str | Path | None = None,
     mesh: jax.sharding.Mesh | None = None,
-) -> dict[str, Path]:
+    output_projection: Any = None,  # part of the trainer protocol; SGD has no use for it
+) -> TrainResult:
     """Train every spec on `source` in one pass; resume from their checkpoints when they hold one.
 
-    Returns each decomposer's folder (config.json + params.safetensors on raw activations, train_log.jsonl,
-    checkpoints/). Raises NonFiniteLoss (keeping the last good checkpoint) if a loss turns nan or inf."""
+    Each spec's folder gets config.json + params.safetensors on raw activations, train_log.jsonl and
+    checkpoints/; wandb writes under `log_dir` (default: the folder above the specs' folders). Raises
+    NonFiniteLoss (keeping the last good checkpoint) if a loss turns nan or inf, and DiskFull, saying
+    that the same command resumes, when the disk fills."""
     if not specs:
-        return {}
+        return TrainResult({}, {}, {})
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"decomposer names must be unique, got {names}")
     missing = sorted(set(data_keys(specs)) - set(source.keys))
     if missing:
         raise ValueError(f"the batch source lacks key(s) {missing}; it has {source.keys}")
-    out_dir = Path(out_dir)
+    log_dir = Path(log_dir) if log_dir is not None else specs[0].folder.parent
     wandb_cfg = wandb_cfg or WandbConfig()
     mesh = mesh or sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
     main_process = jax.process_index() == 0
@@ -244,25 +233,27 @@ def train(
     if batch_size != cfg.batch_size:
         raise ValueError(f"the batch source yields batches of {batch_size}, the config asks for {cfg.batch_size}")
 
-    members, models = _build(specs, cfg, n_steps)
-    start = _resume_step(members)
-    if start is None:
-        _init_from_sample(members, models, source.sample(cfg.sample_tokens), cfg.scale_inputs)
+    members, models = _build(specs, cfg, n_steps, getattr(source, "identity", None))
+    _check_same_data(members, source)
     states, shardings = _place(members, models, cfg, mesh)
-    if start is not None:
-        for i, m in enumerate(members):
-            model_state, opt_state, trainer_state, _ = m.checkpointer.restore(start, *states[i])
-            states[i] = (model_state, opt_state, trainer_state)
-    start = start or 0
+    resumed = restore_newest([m.checkpointer for m in members], [(*s, _trainer_state(0)) for s in states],
+                             [m.signature for m in members], say=print if main_process else (lambda text: None))
+    if resumed is None:  # a fresh start: scales and data-dependent init from a sample, then lay out again
+        _init_from_sample(members, models, source.sample(cfg.sample_tokens), cfg.scale_inputs)
+        states, shardings = _place(members, models, cfg, mesh)
+        start = 0
+    else:
+        for m, meta in zip(members, resumed.metas):
+            m.scale_in, m.scale_out = meta["scale_in"], meta["scale_out"]
+        states = [(model_state, opt_state) for model_state, opt_state, _ in resumed.states]
+        start = resumed.step
 
-    step_fn = jax.jit(
-        _make_step(members, batch_size, cfg.dead_window_tokens), donate_argnums=0, out_shardings=(shardings, None)
-    )
+    step_fn = jax.jit(_make_step(members), donate_argnums=0, out_shardings=(shardings, None))
     batch_sharding = sharding.batch_sharding(mesh)
     keys = data_keys(specs)
 
     logger = TrainLogger(
-        out_dir,
+        log_dir,
         {m.spec.name: m.spec.folder / LOG_FILE for m in members},
         wandb_cfg,
         config={"train": dataclasses.asdict(cfg), "n_steps": n_steps,
@@ -281,10 +272,11 @@ def train(
                        f"{mesh.shape['data']} x {mesh.shape['model']} (data x model) mesh")
 
     def save_checkpoint(step: int) -> None:
-        for m, (model_state, opt_state, trainer_state) in zip(members, states):
+        for m, (model_state, opt_state) in zip(members, states):
             meta = {"step": step, "batch_index": step, "tokens": step * batch_size, "seed": cfg.seed,
-                    "scale_in": m.scale_in, "scale_out": m.scale_out, "signature": m.signature}
-            m.checkpointer.save(step, model_state, opt_state, trainer_state, meta)
+                    "scale_in": m.scale_in, "scale_out": m.scale_out, "signature": m.signature,
+                    "data_source": getattr(source, "describe", lambda: None)()}
+            m.checkpointer.save(step, model_state, opt_state, _trainer_state(step), meta)
 
     def check_finite(step: int, outs) -> None:
         """Stop at the first step whose loss or parameters are not finite (checkpoints stay as they were)."""
@@ -307,6 +299,7 @@ def train(
     pending: tuple[int, Any] | None = None
     tic, tic_step = time.perf_counter(), start
     failed = True
+    step = start
     try:
         for step in range(start + 1, n_steps + 1):
             raw = next(batches)
@@ -330,20 +323,56 @@ def train(
                 save_checkpoint(step)
         for m in members:
             m.checkpointer.wait()
+        decomposers = {}
         for m, state in zip(members, states):
             model_state = sharding.fetch(state[0])  # on every process: gathering may be a collective
+            decomposers[m.spec.name] = _final(m, model_state)
             if main_process:
-                _save_final(m, model_state, cfg, n_steps, batch_size)
+                _save_final(m, decomposers[m.spec.name], cfg, n_steps, batch_size)
         failed = False
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise _disk_full(members, step, n_steps) from None
     finally:
         batches.close()
-        for m in members:
-            m.checkpointer.close()
+        _close_quietly(members, failed)
         logger.close(failed=failed)
-    return {m.spec.name: m.spec.folder for m in members}
+    logs = {m.spec.name: read_log(m.spec.folder / LOG_FILE) if (m.spec.folder / LOG_FILE).is_file() else []
+            for m in members}
+    return TrainResult(decomposers, logs, {m.spec.name: m.spec.folder for m in members})
 
 
-def _build(specs: list[DecomposerSpec], cfg: TrainConfig, n_steps: int) -> tuple[list[_Member], list[base.Decomposer]]:
+def _trainer_state(step: int) -> dict[str, jax.Array]:
+    """What the trainer itself carries between steps: the loader position (the batch index)."""
+    return {"batch_index": jnp.asarray(step, jnp.int32)}
+
+
+def _close_quietly(members: list[_Member], failed: bool) -> None:
+    """Close every checkpointer; after a failure, an error while closing must not hide the first one."""
+    for m in members:
+        try:
+            m.checkpointer.close()
+        except Exception:
+            if not failed:
+                raise
+
+
+def _disk_full(members: list[_Member], step: int, n_steps: int):
+    folder = members[0].spec.folder.parent
+    last = None
+    try:
+        last = common_step([m.checkpointer for m in members])
+    except Exception:  # listing checkpoints can fail on a full disk too
+        pass
+    where = f"from the checkpoint at step {last}" if last else "from the start (no checkpoint was complete)"
+    names = ", ".join(m.spec.name for m in members)
+    return disk_full(folder, f"writing the checkpoints, logs or dictionaries of {names} at step {step} of {n_steps}",
+                     where + ".")
+
+
+def _build(specs: list[DecomposerSpec], cfg: TrainConfig, n_steps: int, data: str | None
+           ) -> tuple[list[_Member], list[base.Decomposer]]:
     """Every decomposer (random init from its seed), its schedule and its checkpoint manager."""
     members, models = [], []
     for spec in specs:
@@ -352,26 +381,32 @@ def _build(specs: list[DecomposerSpec], cfg: TrainConfig, n_steps: int) -> tuple
         lr = spec.lr or cfg.lr
         schedule = optim.lr_schedule(lr, n_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction, cfg.final_lr_fraction)
         checkpointer = Checkpointer(spec.folder / CHECKPOINT_DIR, cfg.keep_checkpoints)
-        members.append(_Member(spec, lr, schedule, None, None, checkpointer, _signature(spec, cfg, lr, n_steps)))
+        members.append(_Member(spec, lr, schedule, None, None, checkpointer, _signature(spec, cfg, lr, n_steps, data)))
         models.append(model)
     return members, models
 
 
-def _resume_step(members: list[_Member]) -> int | None:
-    """The checkpoint step the whole pass resumes from (None: start fresh), its settings checked."""
-    start = common_step([m.checkpointer for m in members])
-    if start is None and any(m.checkpointer.steps() for m in members):
-        have = [m.spec.name for m in members if m.checkpointer.steps()]
+def _check_same_data(members: list[_Member], source: BatchSource) -> None:
+    """Checkpoints written on one cache never resume on another (the run would mix two data sets): the
+    refusal names both caches. (The signature check repeats this by identity for any step restored.)"""
+    for m in members:
+        steps = m.checkpointer.steps()
+        if not steps:
+            continue
+        try:
+            meta = m.checkpointer.meta(steps[-1])
+        except Exception:  # an unreadable step: restore_newest says so and falls back
+            continue
+        was, now = meta.get("signature", {}).get(CACHE_KEY), m.signature.get(CACHE_KEY)
+        if was == now:
+            continue
+        before = meta.get("data_source") or f"a cache with identity {was}"
+        after = getattr(source, "describe", lambda: None)() or f"a cache with identity {now}"
         raise CheckpointMismatch(
-            f"decomposers {have} have checkpoints but the others in this pass do not, so they cannot resume "
-            f"together: train the new ones separately with --only NAME, or delete the checkpoints/ folders of {have}"
+            f"the checkpoints in {m.checkpointer.folder} were written training on {before}, but this run reads "
+            f"{after}: resuming would mix two data sets. Point train.cache back at the first cache to resume, or "
+            f"delete {m.checkpointer.folder} to train {m.spec.name!r} from the start on the new one."
         )
-    if start is not None:
-        for m in members:
-            meta = m.checkpointer.meta(start)
-            check_signature(m.checkpointer.folder, meta["signature"], m.signature)
-            m.scale_in, m.scale_out = meta["scale_in"], meta["scale_out"]
-    return start
 
 
 def _init_from_sample(members: list[_Member], models: list[base.Decomposer], sample: dict, scale_inputs: bool) -> None:
@@ -385,14 +420,14 @@ def _init_from_sample(members: list[_Member], models: list[base.Decomposer], sam
 
 
 def _place(members: list[_Member], models: list[base.Decomposer], cfg: TrainConfig, mesh) -> tuple[list, list]:
-    """Each member's pure state (model, Adam, dead counters) laid out on the mesh, and its shardings."""
+    """Each member's pure state (model, Adam) laid out on the mesh, and its shardings."""
     states, shardings = [], []
     for m, model in zip(members, models):
         tx = optim.adam(m.schedule, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.grad_clip)
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         m.model_def, model_state = nnx.split(model)
         m.opt_def, opt_state = nnx.split(opt)
-        state = (model_state, opt_state, {"dead_tokens": np.zeros(m.spec.config.n_features, np.int32)})
+        state = (model_state, opt_state)
         state_sharding = sharding.tree_shardings(state, mesh, m.spec.config.n_features)
         states.append(sharding.place(state, state_sharding))
         shardings.append(state_sharding)
@@ -404,16 +439,21 @@ def _records(members: list[_Member], history: list, step: int, batch_size: int, 
     records = {}
     for i, m in enumerate(members):
         record = {k: float(np.mean([h[i][k] for h in history])) for k in history[0][i] if k != "finite"}
-        record.update({k: float(history[-1][i][k]) for k in LAST_VALUE})
+        record.update({k: float(history[-1][i][k]) for k in LAST_VALUE if k in history[-1][i]})
         record.update(tokens=step * batch_size, tokens_per_s=tokens_per_s)
         records[m.spec.name] = record
     return records
 
 
-def _save_final(m: _Member, model_state, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:
-    """Fold the input scales into a copy of the trained decomposer and write the native format."""
+def _final(m: _Member, model_state) -> base.Decomposer:
+    """The trained decomposer with its input scales folded in: it reads and writes raw activations."""
     model = nnx.merge(m.model_def, jax.tree.map(jnp.asarray, model_state))
     model.fold_input_scale(m.scale_in, m.scale_out)
+    return model
+
+
+def _save_final(m: _Member, model: base.Decomposer, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:
+    """Write the native format."""
     extra = {"trained_steps": n_steps, "trained_tokens": n_steps * batch_size, "lr": m.lr,
              "input_scale": m.scale_in, "output_scale": m.scale_out, "train": dataclasses.asdict(cfg)}
     base.save(model, m.spec.folder, extra=extra)

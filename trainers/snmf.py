@@ -22,22 +22,19 @@ import numpy as np
 from dictlearn.decomposers import base
 from dictlearn.decomposers import snmf_solver as solver
 from dictlearn.decomposers.snmf import SemiNMF, SNMFConfig
-from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig
+from dictlearn.trainers.data import BatchSource
+from dictlearn.trainers.diskfull import disk_full, is_disk_full
+from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig, read_log
+from dictlearn.trainers.spec import DecomposerSpec, TrainResult
 
 SOLVERS = ("memory", "streaming")
 INITS = ("random", "svd", "kmeans")
 
 
 @dataclasses.dataclass
-class SNMFTrainConfig:
-    """A `[[decomposers]]` table with kind = "snmf" (every key but name and hookpoint_in is optional)."""
+class SNMFOptions:
+    """The semi-NMF trainer's keys in a `[[decomposers]]` table (the solver's settings; all optional)."""
 
-    name: str
-    hookpoint_in: str  # mlp_hidden.L: the MLP hidden activation of layer L
-    kind: str = "snmf"
-    hookpoint_out: str = ""  # must be empty or equal to hookpoint_in
-    n_features: int = 0  # K; give this or expansion
-    expansion: float = 0.0  # K = expansion * d_mlp
     solver: str = "memory"  # memory | streaming
     init: str = "svd"  # svd | random (the paper's default) | kmeans (suits clustered data)
     keep_fraction: float = 0.01  # fraction of d_mlp kept per feature (winner-take-all); 1.0: no sparsity
@@ -57,34 +54,52 @@ class SNMFTrainConfig:
     init_rows: int = 8192  # streaming: rows of the in-memory solve that starts F
     init_iters: int = 20  # streaming: iterations of that solve
     scale_inputs: bool = True  # solve on activations scaled to unit mean squared norm
-    encode_iters: int = 100  # the saved decomposer's code solve (see SNMFConfig)
-    encode_solver: str = "pgd"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind != "snmf":
-            raise ValueError(f"kind must be 'snmf', got {self.kind!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if (self.n_features > 0) == (self.expansion > 0):
-            raise ValueError("give exactly one of n_features (K) and expansion (K = expansion * d_mlp), positive")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if not 0.0 < self.forgetting <= 1.0:
             raise ValueError(f"forgetting must be in (0, 1], got {self.forgetting}")
-        if self.hookpoint_out and self.hookpoint_out != self.hookpoint_in:
-            raise ValueError(f"semi-NMF reconstructs its input: hookpoint_out ({self.hookpoint_out!r}) must equal "
-                             f"hookpoint_in ({self.hookpoint_in!r}) or be left out")
         if self.code_solver not in ("pgd", "mu"):
             raise ValueError(f"code_solver must be 'pgd' or 'mu', got {self.code_solver!r}")
         for name in ("max_iters", "patience", "chunk_iters", "max_rows", "batch_size", "passes", "code_iters",
-                     "init_rows", "init_iters", "encode_iters", "inner_steps"):
+                     "init_rows", "init_iters", "inner_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.refit_steps < 0 or self.reseed_every < 0 or self.tol < 0:
             raise ValueError("refit_steps, reseed_every and tol must not be negative")
+
+
+OPTIONS = SNMFOptions
+
+
+@dataclasses.dataclass(kw_only=True)
+class SNMFTrainConfig(SNMFOptions):
+    """One semi-NMF solve on its own (benchmarks, tests): the solver's options plus what to factorise."""
+
+    name: str
+    hookpoint_in: str  # mlp_hidden.L: the MLP hidden activation of layer L
+    kind: str = "snmf"
+    hookpoint_out: str = ""  # must be empty or equal to hookpoint_in
+    n_features: int = 0  # K; give this or expansion
+    expansion: float = 0.0  # K = expansion * d_mlp
+    encode_iters: int = 100  # the saved decomposer's code solve (see SNMFConfig)
+    encode_solver: str = "pgd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kind != "snmf":
+            raise ValueError(f"kind must be 'snmf', got {self.kind!r}")
+        if (self.n_features > 0) == (self.expansion > 0):
+            raise ValueError("give exactly one of n_features (K) and expansion (K = expansion * d_mlp), positive")
+        if self.hookpoint_out and self.hookpoint_out != self.hookpoint_in:
+            raise ValueError(f"semi-NMF reconstructs its input: hookpoint_out ({self.hookpoint_out!r}) must equal "
+                             f"hookpoint_in ({self.hookpoint_in!r}) or be left out")
 
     def n_features_for(self, d_in: int) -> int:
         return self.n_features if self.n_features > 0 else max(1, int(round(self.expansion * d_in)))
@@ -250,24 +265,36 @@ def parse_table(table: dict[str, Any]) -> SNMFTrainConfig:
     return from_dict(SNMFTrainConfig, dict(table), where=f"[[decomposers]] {table.get('name', '?')!r} (snmf)")
 
 
-def train_snmf(table: dict[str, Any], cache, out_folder: Path, w_out: np.ndarray | None, seed: int) -> Path:
-    """Train the semi-NMF a `[[decomposers]]` table describes on `cache` (an ActivationCache) and save it
-    to `out_folder`. w_out (d_mlp, d_model): the MLP's output projection, for residual directions."""
-    from dictlearn.config import ConfigError
-    from dictlearn.trainers.data import CacheSource
+def train(specs: list[DecomposerSpec], source: BatchSource, cfg: Any, wandb_cfg: WandbConfig | None = None, *,
+          log_dir: Path | None = None, mesh: Any = None,
+          output_projection: Callable[[str], tuple[np.ndarray, str] | None] | None = None) -> TrainResult:
+    """The trainer protocol for semi-NMF: solve each spec on `source` (its own view: one key, the spec's
+    batch size) and save it. output_projection(hookpoint) gives (W_out (d_mlp, d_model), the hookpoint where
+    hidden @ W_out appears) where the hookpoint is an MLP hidden site, so the saved dictionary also holds its
+    residual directions."""
+    result = TrainResult({}, {}, {})
+    for spec in specs:
+        options = spec.options if spec.options is not None else SNMFOptions()
+        table = SNMFTrainConfig(name=spec.name, hookpoint_in=spec.config.hookpoint_in, n_features=spec.config.n_features,
+                                encode_iters=spec.config.encode_iters, encode_solver=spec.config.encode_solver,
+                                **dataclasses.asdict(options))
+        view = source.view([spec.config.hookpoint_in], options.batch_size)
+        w_out, resid_at = (output_projection(spec.config.hookpoint_in) if output_projection is not None else None) or (None, "")
+        try:
+            folder = train_snmf_from_source(table, view, spec.folder, w_out, spec.config.seed, resid_hookpoint=resid_at)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise disk_full(spec.folder, f"saving the semi-NMF {spec.name!r}",
+                            "(semi-NMF solves again from the start; the other decomposers keep their results).") from None
+        result = result.merge(TrainResult({spec.name: base.load(folder)}, {spec.name: read_log(folder / LOG_FILE)},
+                                          {spec.name: folder}))
+    return result
 
-    cfg = parse_table(table)
-    hps = cache.hookpoints
-    if cfg.hookpoint_in not in hps:
-        names = ", ".join(sorted(k for k in hps if not k.endswith("@grad")))
-        raise ConfigError(f"[[decomposers]] {cfg.name!r}: the cache has no hookpoint {cfg.hookpoint_in!r}; it holds {names}")
-    batch_size = min(cfg.batch_size, int(cache.rows("train")) if hasattr(cache, "rows") else cfg.batch_size)
-    source = CacheSource(cache, [cfg.hookpoint_in], batch_size, seed)
-    return train_snmf_from_source(cfg, source, Path(out_folder), w_out, seed)
 
-
-def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out: np.ndarray | None, seed: int) -> Path:
-    """The work of `train_snmf` on any trainers.data.BatchSource holding cfg.hookpoint_in."""
+def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out: np.ndarray | None, seed: int,
+                           resid_hookpoint: str = "") -> Path:
+    """Solve `cfg` on any trainers.data.BatchSource holding cfg.hookpoint_in; save to `out_folder`."""
     from dictlearn.trainers.scaling import input_scale
 
     key = cfg.hookpoint_in
@@ -342,7 +369,7 @@ def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out
     module.set_features(f)
     module.fold_input_scale(scale, scale)  # codes scale with their input: F reads raw activations as is
     if w_out is not None:
-        module.set_w_out(w_out)
+        module.set_w_out(w_out, resid_hookpoint)
     logger.message(f"{cfg.name}: semi-NMF ({summary['solver']}) K={k}, loss {summary['loss']:.4f} of |X|^2, "
                    f"fvu {summary['fvu']:.4f}, {summary['seconds']:.1f} s")
     return base.save(module, out_folder, extra={"train": summary, "input_scale": scale, "table": dataclasses.asdict(cfg)})

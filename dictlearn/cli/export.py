@@ -14,7 +14,6 @@ sits under `<out_dir>/decomposers/`.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -50,58 +49,33 @@ class ExportError(ValueError):
     """Bad arguments or inputs for `dictlearn export`."""
 
 
-def _model_reference(data: dict, root: Path) -> tuple[str | None, dict]:
-    """The model name to record (an absolute path for local files) and the [model] table."""
-    table = data.get("model") or {}
-    name = table.get("name")
-    if name is None:
-        from dictlearn.activations.cache import ActivationCache, CacheError
+def export_stage(run, only: list[str] | None = None, force: bool = False, log=print) -> dict[str, Path]:
+    """The export stage of `run`: every saved decomposer (or `only`) not exported since its files or the
+    options last changed (the run's up-to-date rule). Returns name -> export folder of what was written."""
+    from dictlearn.cli.evaluate import load_saved
+    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
+    from dictlearn.export import EXPORT_FILE, ExportConfig, export_decomposer
+    from dictlearn.run import mark_done, up_to_date
 
-        try:
-            name = ActivationCache.open(root / "cache").model_name
-        except (CacheError, FileNotFoundError, KeyError):  # no cache: the features simply name no model
-            name = None
-    if name and Path(name).expanduser().exists():
-        name = str(Path(name).expanduser().resolve())
-    return name, table
-
-
-def export_run(args: ExportArgs) -> int:
-    from dictlearn.cli.common import out_dir, read_run_config
-    from dictlearn.config import from_dict
-    from dictlearn.decomposers import base
-    from dictlearn.export import ExportConfig, export_decomposer, is_exported, load_kinds, source_fingerprint
-
-    data = read_run_config(args.config, args.set)
-    cfg = from_dict(ExportConfig, data.get("export", {}), where=f"{args.config} [export]")
-    root = out_dir(data, args.config)
-    src = root / "decomposers"
-    names = list(args.only or cfg.decomposers)
-    saved = sorted(p.name for p in src.iterdir() if (p / base.CONFIG_FILE).is_file() and (p / base.PARAMS_FILE).is_file()) if src.is_dir() else []
-    if not saved:
-        raise ExportError(f"no saved decomposers under {src}; run `dictlearn train {args.config}` first")
-    missing = [n for n in names if n not in saved]
-    if missing:
-        raise ExportError(f"no saved decomposer named {', '.join(missing)} under {src}; saved: {', '.join(saved)}")
-    model_name, model_table = _model_reference(data, root)
-    load_kinds()
-    model = None
-    for name in names or saved:
-        folder, dest = src / name, root / "export" / name
-        fingerprint = source_fingerprint(folder)
-        if not args.force and is_exported(dest, fingerprint, cfg):
-            print(f"export: {name}: up to date in {dest} (--force exports again)")
+    cfg = run.section(ExportConfig, "export")
+    names = run.pick_saved(list(only or cfg.decomposers), "export")
+    model_name, fingerprint = run.model_reference()
+    options = {**run.stage_options(cfg, drop=("decomposers",)), "model": model_name, "model_fingerprint": fingerprint}
+    written = {}
+    for name in names:
+        folder, dest = run.decomposer_dir(name), run.export_dir(name)
+        inputs = {"config": folder / CONFIG_FILE, "params": folder / PARAMS_FILE}
+        if not force and up_to_date(dest, inputs, options):
+            log(f"export: {name}: up to date in {dest} (--force exports again)")
             continue
-        module = base.load(folder)
-        if module.kind == "snmf" and module.config.d_model == 0 and model is None and model_table:
-            from dictlearn.activations.models import ModelConfig
-
-            model = from_dict(ModelConfig, model_table, where=f"{args.config} [model]").load()
-        summary = export_decomposer(module, dest, model_name=model_name, model=model, cfg=cfg,
-                                    fingerprint=fingerprint, metadata={"dictlearn_name": name})
+        module = load_saved(run, [name])[name]
+        summary = export_decomposer(module, dest, model_name=model_name, model_fingerprint=fingerprint,
+                                    load_model=lambda: run.model(), cfg=cfg, metadata={"dictlearn_name": name})
+        mark_done(dest, inputs, options, [*summary["files"], EXPORT_FILE])
         skipped = "".join(f"; skipped {fmt}: {why}" for fmt, why in summary["skipped"].items())
-        print(f"export: {name} ({module.kind}) -> {dest}: {', '.join(summary['files'])}{skipped}")
-    return 0
+        log(f"export: {name} ({module.kind}) -> {dest}: {', '.join(summary['files'])}{skipped}")
+        written[name] = dest
+    return written
 
 
 def import_run(args: ExportArgs) -> int:
@@ -132,22 +106,27 @@ def import_run(args: ExportArgs) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    args = tyro.cli(ExportArgs, args=argv, prog="dictlearn export")
-    from dictlearn.config import ConfigError
-    from dictlearn.export.features import FeaturesError
-    from dictlearn.export.saelens import SaeLensFormatError
-    from dictlearn.export.sparsify import SparsifyFormatError
+ERRORS = ("dictlearn.cli.export:ExportError", "dictlearn.config:ConfigError",
+          "dictlearn.export.saelens:SaeLensFormatError", "dictlearn.export.sparsify:SparsifyFormatError",
+          "dictlearn.export.snmf_format:SnmfFormatError", "dictlearn.export.features:FeaturesError",
+          "dictlearn.activations.cache:CacheError", "dictlearn.activations.families:HookpointError", "builtins:FileNotFoundError")
 
-    try:
+
+def main(argv: list[str]) -> int:
+    from dictlearn.cli.common import report_errors
+    from dictlearn.run import Run
+
+    args = tyro.cli(ExportArgs, args=argv, prog="dictlearn export")
+
+    def work() -> None:
         if args.import_saelens or args.import_sparsify:
             if args.config is not None:
                 raise ExportError("an import takes no CONFIG; give --import-... DIR --out DIR")
-            return import_run(args)
+            import_run(args)
+            return
         if args.config is None:
             raise ExportError("give a run config (dictlearn export CONFIG.toml) or an import "
                               "(--import-saelens DIR / --import-sparsify DIR with --out DIR)")
-        return export_run(args)
-    except (ExportError, ConfigError, SaeLensFormatError, SparsifyFormatError, FeaturesError, FileNotFoundError) as e:
-        print(f"dictlearn export: {e}", file=sys.stderr)
-        return 1
+        export_stage(Run.from_config(args.config, args.set), args.only, args.force)
+
+    return report_errors("dictlearn export", ERRORS, work)

@@ -7,16 +7,14 @@ to the config, does only what is missing.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Callable
 
 import tyro
 
 STAGES = ("harvest", "train", "eval", "export")
-_MODULES = {"harvest": "harvest", "train": "train", "eval": "evaluate", "export": "export"}
 
 
 @dataclass
@@ -29,29 +27,53 @@ class RunArgs:
     """which stages to run, in order"""
 
 
-def run(args: RunArgs) -> int:
-    from dictlearn.cli.common import out_dir, read_run_config
+HARVEST_ERRORS = ("dictlearn.config:ConfigError", "dictlearn.activations.cache:CacheError",
+                  "dictlearn.activations.corpus:CorpusError", "dictlearn.activations.harvest:HarvestError",
+                  "dictlearn.activations.hookpoints:HookpointError", "dictlearn.files:LockedError",
+                  "builtins:FileNotFoundError")
 
-    data = read_run_config(args.config, args.set)  # fail on a bad config before any work
+
+def _stages(args: RunArgs) -> tuple[Any, dict[str, tuple[tuple[str, ...], Callable[[], Any]]]]:
+    """(the Run, stage -> (the errors it reports as a sentence, the work)): the same stages the subcommands
+    run, on one Run object (so the layout, cache and model are resolved once)."""
+    from dictlearn.cli import evaluate, export, train
+    from dictlearn.cli import harvest
+    from dictlearn.run import Run
+
+    run = Run.from_config(args.config, args.set)
+    return run, {
+        "harvest": (HARVEST_ERRORS, lambda: harvest.run(harvest.HarvestArgs(args.config, list(args.set)))),
+        "train": (train.ERRORS, lambda: train.train_stage(run)),
+        "eval": (evaluate.ERRORS, lambda: evaluate.eval_stage(run)),
+        "export": (export.ERRORS, lambda: export.export_stage(run)),
+    }
+
+
+def run(args: RunArgs) -> int:
+    from dictlearn.cli.common import report_errors
+
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"dictlearn run: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    sets = [a for kv in args.set for a in ("--set", kv)]
+    code = report_errors("dictlearn run", ("dictlearn.config:ConfigError",), lambda: _stages(args))  # a bad config fails first
+    if code:
+        return code
+    run_, stages = _stages(args)
     timings = {}
     for stage in STAGES:
         if stage not in args.stages:
             continue
         print(f"== dictlearn run: {stage} ==", flush=True)
         start = time.perf_counter()
-        module = importlib.import_module(f"dictlearn.cli.{_MODULES[stage]}")
-        code = int(module.main([str(args.config), *sets]) or 0)
+        errors, work = stages[stage]
+        code = report_errors(f"dictlearn {stage}", errors, work)
         timings[stage] = time.perf_counter() - start
         if code != 0:
             print(f"dictlearn run: stage {stage} failed (exit {code}); fix it and re-run: finished stages are skipped")
             return code
     total = sum(timings.values())
     print("== dictlearn run: done in " + f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
-    print(f"outputs in {out_dir(data, args.config)}")
+    print(f"outputs in {run_.out_dir}")
     return 0
 
 

@@ -1,11 +1,13 @@
 """Export dictionaries for the tools people already use, and import theirs.
 
 One exported folder per decomposer (`<out_dir>/export/<name>/`):
-- `cfg.json` + `sae_weights.safetensors`: SAELens's format (SAEs and ReLU/JumpReLU transcoders; `saelens.py`);
-- `snmf.safetensors` + `snmf.json`: semi-NMF's factors and encoder settings (`snmf_format.py`);
+- the kind's own format, chosen by its `export_format` (WRITERS below): "linear" kinds (every SparseCoder)
+  write SAELens's `cfg.json` + `sae_weights.safetensors` where SAELens has the architecture (`saelens.py`);
+  "snmf" writes `snmf.safetensors` + `snmf.json` (`snmf_format.py`);
 - `features.safetensors` + `features.json`: one steering vector per feature at the hookpoint it is added to
   (`features.py`), what `dictlearn steer` reads;
-- `export.json`: what was written, why a format was skipped, and the fingerprint of the source folder.
+- `export.json`: what was written, why a format was skipped, and the model (the user's name for it and its
+  weights' fingerprint, so an export made here is usable on another machine).
 
 Import: `saelens.import_saelens(folder)` and `sparsify.import_sparsify(folder)` give dictlearn decomposers
 that compute what the foreign folder computes; `base.save` them so `dictlearn eval` can score them.
@@ -13,15 +15,14 @@ that compute what the foreign folder computes; `base.save` them so `dictlearn ev
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from dictlearn.export.features import write_features
+from dictlearn.files import atomic_write_json
 
 EXPORT_FILE = "export.json"
 
@@ -35,86 +36,81 @@ class ExportConfig:
     features: bool = True  # write features.safetensors (steering vectors)
 
 
-def steering_vectors(module: Any, model: Any = None) -> tuple[str, np.ndarray]:
-    """(hookpoint, (n_features, width) float32) for steering: where a feature writes and its direction there.
+@dataclass
+class ModelRef:
+    """The model an export belongs to: the user's name for it (a hub id or a path as given) and the
+    fingerprint of its weights; `load` gives the model itself when a writer needs it (None: unavailable)."""
 
-    SAEs and transcoders: `features()` (decoder rows) at `hookpoint_out`. Semi-NMF: its residual-stream
-    directions F^T W_out at mlp_out.L (stored by the trainer, else computed from `model`'s MLP weights)."""
-    if module.kind == "snmf":
-        from dictlearn.export.snmf_format import steering_directions
+    name: str | None = None
+    fingerprint: str | None = None
+    load: Callable[[], Any] | None = None
 
-        return steering_directions(module, model)
-    return module.config.hookpoint_out, np.asarray(module.features(), dtype=np.float32)
-
-
-def load_kinds() -> None:
-    """Import every module of dictlearn.decomposers so each kind is registered before `base.load`."""
-    import importlib
-    import pkgutil
-
-    import dictlearn.decomposers as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    def model(self) -> Any:
+        return self.load() if self.load is not None else None
 
 
-def source_fingerprint(folder: str | Path) -> str:
-    """sha256 of a native decomposer folder's config.json and params.safetensors."""
-    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
-
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, PARAMS_FILE):
-        with open(Path(folder) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+Written = tuple[list[str], dict[str, str], tuple[str, np.ndarray] | None]  # files, skipped {format: why}, features
 
 
-def is_exported(folder: str | Path, fingerprint: str, cfg: ExportConfig) -> bool:
-    """True when `folder` holds a finished export of the same source with the same options."""
-    path = Path(folder) / EXPORT_FILE
-    if not path.is_file():
-        return False
-    try:
-        done = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    if done.get("source_fingerprint") != fingerprint or done.get("options") != {"saelens": cfg.saelens, "features": cfg.features}:
-        return False
-    return all((Path(folder) / f).is_file() for f in done.get("files", []))
-
-
-def export_decomposer(module: Any, folder: str | Path, model_name: str | None = None, model: Any = None,
-                      cfg: ExportConfig | None = None, fingerprint: str = "", metadata: dict[str, Any] | None = None
-                      ) -> dict[str, Any]:
-    """Write every format `module` has into `folder`; returns (and writes as export.json) a summary."""
+def _write_linear(module: Any, folder: Path, cfg: ExportConfig, ref: ModelRef, metadata: dict[str, Any]) -> Written:
+    """SAELens's folder where SAELens has the architecture (else skipped, saying why)."""
     from dictlearn.export.kinds import UnsupportedKindError
     from dictlearn.export.saelens import SaeLensFormatError, export_saelens
 
+    if not cfg.saelens:
+        return [], {}, None
+    try:
+        export_saelens(module, folder, metadata={"model_name": ref.name, "model_fingerprint": ref.fingerprint,
+                                                 "dictlearn_kind": module.kind, **metadata})
+    except (SaeLensFormatError, UnsupportedKindError) as e:
+        return [], {"saelens": str(e)}, None
+    return ["cfg.json", "sae_weights.safetensors"], {}, None
+
+
+def _write_snmf(module: Any, folder: Path, cfg: ExportConfig, ref: ModelRef, metadata: dict[str, Any]) -> Written:
+    """Semi-NMF's own files; its steering vectors are its residual-stream directions (stored, else computed
+    from the model's MLP output projection)."""
+    from dictlearn.export.snmf_format import SnmfFormatError, steering_directions, write_snmf
+
+    model = features = None
+    if cfg.features:
+        try:
+            features = steering_directions(module)
+        except SnmfFormatError:  # no stored directions: the model's MLP output projection gives them
+            model = ref.model()
+            features = steering_directions(module, model)
+    write_snmf(module, folder, model=model, model_name=ref.name)
+    return ["snmf.safetensors", "snmf.json"], {}, features
+
+
+WRITERS: dict[str, Callable[..., Written]] = {"linear": _write_linear, "snmf": _write_snmf}  # by export_format
+
+
+def export_decomposer(module: Any, folder: str | Path, model_name: str | None = None, model: Any = None,
+                      cfg: ExportConfig | None = None, metadata: dict[str, Any] | None = None,
+                      model_fingerprint: str | None = None, load_model: Callable[[], Any] | None = None
+                      ) -> dict[str, Any]:
+    """Write every format `module` has into `folder`; returns (and writes as export.json) a summary.
+
+    model_name: the user's name for the model (recorded as given); model / load_model: the model itself
+    (or how to load it), only for writers that need it."""
     cfg = cfg or ExportConfig()
+    ref = ModelRef(model_name, model_fingerprint, (lambda: model) if model is not None else load_model)
+    metadata = dict(metadata or {})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"kind": module.kind, "model": model_name, "files": [], "skipped": {},
-                               "source_fingerprint": fingerprint,
-                               "options": {"saelens": cfg.saelens, "features": cfg.features}}
-    if module.kind == "snmf":
-        from dictlearn.export.snmf_format import write_snmf
-
-        write_snmf(module, folder, model=model, model_name=model_name)
-        summary["files"] += ["snmf.safetensors", "snmf.json"]
-    elif cfg.saelens:
-        try:
-            export_saelens(module, folder, metadata={"model_name": model_name, "dictlearn_kind": module.kind, **(metadata or {})})
-            summary["files"] += ["cfg.json", "sae_weights.safetensors"]
-        except (SaeLensFormatError, UnsupportedKindError) as e:
-            summary["skipped"]["saelens"] = str(e)
+    fmt = getattr(module, "export_format", "")
+    writer = WRITERS.get(fmt)
+    files, skipped, features = writer(module, folder, cfg, ref, metadata) if writer else ([], {}, None)
+    if writer is None:
+        skipped[fmt or "native"] = f"no export writer for format {fmt!r} (kind {module.kind!r})"
     if cfg.features:
-        hookpoint, vectors = steering_vectors(module, model)
-        write_features(folder, vectors, hookpoint, model=model_name,
+        hookpoint, vectors = features or (module.config.hookpoint_out, np.asarray(module.features(), np.float32))
+        write_features(folder, vectors, hookpoint, model=ref.name, model_fingerprint=ref.fingerprint,
                        source={"kind": module.kind, "hookpoint_in": module.config.hookpoint_in,
-                               "hookpoint_out": module.config.hookpoint_out, **(metadata or {})})
-        summary["files"] += ["features.safetensors", "features.json"]
-    tmp = folder / (EXPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(folder / EXPORT_FILE)
+                               "hookpoint_out": module.config.hookpoint_out, **metadata})
+        files += ["features.safetensors", "features.json"]
+    summary = {"kind": module.kind, "model": ref.name, "model_fingerprint": ref.fingerprint, "files": files,
+               "skipped": skipped, "options": {"saelens": cfg.saelens, "features": cfg.features}}
+    atomic_write_json(folder / EXPORT_FILE, summary, indent=2)
     return summary

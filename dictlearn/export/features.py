@@ -5,9 +5,11 @@ Format (version 1), in one folder:
   direction in the space it is added to: adding alpha * vectors[i] at `hookpoint` is what a feature
   activation of alpha writes there (SAE decoder rows; a transcoder's rows at its output hookpoint;
   semi-NMF's residual-stream directions at mlp_out).
-- `features.json`: {"format": "dictlearn-features", "format_version": 1, "hookpoint": str, "model": str | null,
-  "n_features": int, "width": int, "dtype": "float32", "sha256": hex digest of the tensor's raw bytes
-  (row-major, little-endian), "source": {...what made it...}}.
+- `features.json`: {"format": "dictlearn-features", "format_version": 1, "hookpoint": str, "model": str | null
+  (the user's name for the model: a hub id or the path as given, what `dictlearn steer` loads by default),
+  "model_fingerprint": str | null (its weights, to check a model found elsewhere), "n_features": int,
+  "width": int, "dtype": "float32", "sha256": hex digest of the tensor's raw bytes (row-major,
+  little-endian), "source": {...what made it...}}.
 
 `read_features` checks names, shapes, dtype and the checksum, so a truncated, edited or mismatched
 file is refused rather than silently steering with the wrong vectors.
@@ -23,7 +25,9 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+
+from dictlearn.files import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "dictlearn-features"
 FORMAT_VERSION = 1
@@ -42,6 +46,7 @@ class FeatureSet:
     hookpoint: str
     model: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str | None = None
 
     @property
     def n_features(self) -> int:
@@ -64,7 +69,7 @@ def checksum(vectors: np.ndarray) -> str:
 
 
 def write_features(folder: str | Path, vectors: Any, hookpoint: str, model: str | None = None,
-                   source: dict[str, Any] | None = None) -> Path:
+                   source: dict[str, Any] | None = None, model_fingerprint: str | None = None) -> Path:
     """Write features.safetensors + features.json into `folder` (created); returns the folder."""
     v = np.asarray(vectors, dtype=np.float32)
     if v.ndim != 2 or v.shape[0] == 0 or v.shape[1] == 0:
@@ -76,15 +81,11 @@ def write_features(folder: str | Path, vectors: Any, hookpoint: str, model: str 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     v = np.ascontiguousarray(v)
-    tmp = folder / (VECTORS_FILE + ".tmp")
-    save_file({TENSOR: v}, str(tmp))
-    tmp.replace(folder / VECTORS_FILE)
+    atomic_save_safetensors(folder / VECTORS_FILE, {TENSOR: v})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "hookpoint": hookpoint, "model": model,
-            "n_features": int(v.shape[0]), "width": int(v.shape[1]), "dtype": "float32",
-            "sha256": checksum(v), "source": source or {}}
-    tmpj = folder / (META_FILE + ".tmp")
-    tmpj.write_text(json.dumps(meta, indent=2))
-    tmpj.replace(folder / META_FILE)
+            "model_fingerprint": model_fingerprint, "n_features": int(v.shape[0]), "width": int(v.shape[1]),
+            "dtype": "float32", "sha256": checksum(v), "source": source or {}}
+    atomic_write_json(folder / META_FILE, meta, indent=2)
     return folder
 
 
@@ -130,4 +131,5 @@ def read_features(path: str | Path) -> FeatureSet:
     if got != meta["sha256"]:
         raise FeaturesError(f"{vec_path}: checksum mismatch (sha256 {got[:12]}..., {META_FILE} says "
                             f"{str(meta['sha256'])[:12]}...): the vectors changed after export; re-export them")
-    return FeatureSet(vectors=v, hookpoint=meta["hookpoint"], model=meta.get("model"), source=meta.get("source") or {})
+    return FeatureSet(vectors=v, hookpoint=meta["hookpoint"], model=meta.get("model"), source=meta.get("source") or {},
+                      model_fingerprint=meta.get("model_fingerprint"))
