@@ -238,6 +238,14 @@ def test_feature_card_projection_applies_every_norm_to_the_logits(name):
         np.testing.assert_allclose(got, _brute_unembed(model, alias, dirs), rtol=1e-4, atol=1e-5, err_msg=alias)
     with pytest.raises(families.HookpointError, match="residual stream"):
         families.unembed_directions(model, f"mlp_in.{L}", rng.standard_normal((2, 64)).astype(np.float32))
+    # module paths of the same places project the same way
+    proj = fam.site("mlp_hidden", L)[0]
+    d = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(families.unembed_directions(model, proj, d),
+                               families.unembed_directions(model, f"mlp_out_pre_norm.{L}", d), rtol=1e-6)
+    h = rng.standard_normal((2, families.output_projection(model, proj + ":input")[0].shape[0])).astype(np.float32)
+    np.testing.assert_allclose(families.unembed_directions(model, proj + ":input", h),
+                               families.unembed_directions(model, f"mlp_hidden.{L}", h), rtol=1e-6)
 
 
 def test_gemma_projection_differs_from_the_old_final_weight_only_one():

@@ -234,7 +234,8 @@ def layer_of(model: torch.nn.Module, module_path: str) -> int | None:
 
 def alias_of(model: torch.nn.Module, hookpoint: str) -> tuple[str, int] | None:
     """The alias (and layer) a hookpoint name stands for: alias names directly, module paths when they are the
-    module an alias hooks (the residual-stream alias first when two share one). None otherwise."""
+    module an alias hooks (the residual-stream alias first when two share one) or the MLP output projection's
+    output (the MLP's own output). None otherwise."""
     parsed = parse_alias(hookpoint)
     if parsed is not None:
         return parsed
@@ -243,7 +244,10 @@ def alias_of(model: torch.nn.Module, hookpoint: str) -> tuple[str, int] | None:
     if layer is None:
         return None
     family = family_of(model)
-    return next(((a, layer) for a in ALIASES if family.site(a, layer) == (path, site)), None)
+    found = next(((a, layer) for a in ALIASES if family.site(a, layer) == (path, site)), None)
+    if found is None and (path, site) == (family.site("mlp_hidden", layer)[0], "output"):
+        found = ("mlp_out_pre_norm", layer)  # the output projection's output is the MLP's own output
+    return found
 
 
 # --- the MLP's output projection and the residual stream ---------------------------------------------------------
