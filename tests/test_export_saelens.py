@@ -211,7 +211,7 @@ def _snmf(d_mlp=32, k=8, d_model=24, with_resid=True):
     m.set_features(jnp.asarray(f + 1e-3, jnp.float32))
     w_out = rng.standard_normal((d_mlp, d_model)).astype(np.float32)
     if with_resid:
-        m.set_w_out(w_out)
+        m.set_w_out(w_out, resid_hookpoint="mlp_out.3")  # where F^T W_out appears (the family knows it)
     return m, w_out
 
 
@@ -259,8 +259,11 @@ def test_export_cli_writes_every_decomposer_and_skips_finished_ones(tmp_path, ca
     out = capsys.readouterr().out
     assert "tc_topk (transcoder)" in out and "skipped saelens: SAELens has no TopK transcoder" in out
     ex = root / "export"
-    assert sorted(p.name for p in (ex / "sae").iterdir()) == ["cfg.json", "export.json", "features.json",
-                                                             "features.safetensors", "sae_weights.safetensors"]
+    from dictlearn.run import STAMP_FILE  # the export stage's "up to date" stamp (one rule for every stage)
+
+    assert sorted(p.name for p in (ex / "sae").iterdir()) == sorted(["cfg.json", "export.json", "features.json",
+                                                                    "features.safetensors", "sae_weights.safetensors",
+                                                                    STAMP_FILE])
     assert not (ex / "tc_topk" / "cfg.json").exists() and (ex / "tc_topk" / "features.safetensors").is_file()
     assert (ex / "nmf" / "snmf.json").is_file()
     sae = sae_lens.SAE.load_from_disk(str(ex / "sae"))

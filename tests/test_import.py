@@ -132,6 +132,7 @@ def test_sparsify_errors(tmp_path):
         read_sparsify_run(tmp_path)
     assert hookpoints_for("transformer.h.3.attn", False) == ("model.transformer.h.3.attn", "model.transformer.h.3.attn")
     assert hookpoints_for("h.3.attn", True, prefix="transformer.") == ("transformer.h.3.attn:input", "transformer.h.3.attn")
+    assert hookpoints_for("sp_topk", False) is None and hookpoints_for("embed_tokens", True) is None  # no block: ask
 
 
 @pytest.mark.parametrize("transcode,skip", [(False, False), (True, True)])

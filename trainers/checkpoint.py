@@ -202,7 +202,8 @@ class Resumed:
 def _reason(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     first = lines[0] if lines else ""
-    first = first.split(" See full TensorStore details")[0]
+    for noise in (" See full TensorStore details", " [tensorstore_spec"):  # long specs say nothing to a user
+        first = first.split(noise)[0]
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
