@@ -6,19 +6,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from test_trainer import CLI_CONFIG, planted, write_cache
-
-import jax.numpy as jnp
-
 from dictlearn.trainers.checkpoint import (
     CACHE_KEY, CheckpointMismatch, Checkpointer, check_signature, restore_newest, signature_differences,
 )
+from test_trainer import CLI_CONFIG, planted, write_cache
 
 STEPS = 40
 ARGS = ["--set", f"train.n_steps={STEPS}", "--set", "train.checkpoint_every=10", "--set", "train.log_every=10"]

@@ -56,6 +56,7 @@ def dictlearn_version() -> str:
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
 
+
 _ARCH_SPARSITY = {
     "standard": ("relu", False, False),
     "topk": ("topk", False, False),

@@ -54,7 +54,9 @@ def hookpoints_for(name: str, transcode: bool, prefix: str = "model.") -> tuple[
 
     `layers.L` -> resid_post.L; `layers.L.mlp` -> mlp_out.L (transcoding: mlp_in.L -> mlp_out.L);
     `layers.L.self_attn` -> attn_out.L; any other path inside a block -> the module path `prefix + name`
-    (with `:input` for a transcoder's input)."""
+    (with `:input` for a transcoder's input). sparsify hooks the module's own output, which is what mlp_out.L /
+    attn_out.L name in families without post-norms; for Gemma 2/3 and OLMo 2 pass --hookpoint-out
+    mlp_out_pre_norm.L (a transcoder) or --hookpoint mlp_out_pre_norm.L (an SAE)."""
     m = re.fullmatch(r"(?:layers|h|blocks)\.(\d+)(?:\.(mlp|self_attn|attn))?", name)
     if m:
         layer, part = m.group(1), m.group(2)
