@@ -266,3 +266,25 @@ progress = false
         assert 0.2 < meta["fvu"] < 0.95, meta
         # each feature keeps ceil(1% of 1536) = 16 neurons
         assert int(np.max(np.sum(np.asarray(model.features()) != 0, axis=1))) <= 16
+
+
+def test_residual_directions_come_from_the_family_output_projection(tiny_gpt2, tmp_path):
+    """Without stored directions, export maps F through the model's MLP output projection (GPT-2's Conv1D c_proj,
+    stored (in, out)) and records where that output appears; with them stored, no model is needed."""
+    from dictlearn.export.snmf_format import read_snmf, steering_directions, write_snmf
+
+    d_mlp = tiny_gpt2.config.n_embd * 4
+    model = base.build("snmf", SNMFConfig(d_in=d_mlp, n_features=6, hookpoint_in="mlp_hidden.1", encode_iters=20))
+    model.set_features(np.random.default_rng(2).standard_normal((d_mlp, 6)).astype(np.float32))
+    w_out = tiny_gpt2.transformer.h[1].mlp.c_proj.weight.detach().numpy()  # (d_mlp, d_model): hidden @ W
+    hookpoint, dirs = steering_directions(model, tiny_gpt2)
+    assert hookpoint == "mlp_out.1"
+    np.testing.assert_allclose(dirs, np.asarray(model.F[...]).T @ w_out, rtol=1e-5, atol=1e-6)
+    write_snmf(model, tmp_path / "e", model=tiny_gpt2)
+    meta = json.loads((tmp_path / "e" / "snmf.json").read_text())
+    assert (meta["resid_hookpoint"], meta["d_model"]) == ("mlp_out.1", tiny_gpt2.config.n_embd)
+    back = read_snmf(tmp_path / "e")
+    assert steering_directions(back)[0] == "mlp_out.1"  # stored: no model needed
+    np.testing.assert_allclose(np.asarray(back.resid_features()), dirs, rtol=1e-6)
+    with pytest.raises(Exception, match="not an MLP hidden site"):
+        steering_directions(base.build("snmf", SNMFConfig(d_in=32, n_features=2, hookpoint_in="resid_post.1")), tiny_gpt2)

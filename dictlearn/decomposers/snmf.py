@@ -5,9 +5,10 @@ combination of co-activating neurons, and codes >= 0 say how much of each featur
 Codes are not a learned encoder: `encode` solves the non-negative least-squares problem for the
 given activations with F fixed, in a fixed number of steps (jittable).
 
-Through the MLP's output projection (residual += h @ W_out, W_out (d_mlp, d_model)) each feature
-also has a residual-stream direction F^T W_out: that is what steering adds. It is stored beside F
-(`resid`, (K, d_model)) when the trainer is given W_out; `resid_features()` returns it.
+Its features write at `hookpoint_in` (an MLP hidden site); mapping them into the residual stream through
+the MLP's output projection (F^T W_out) is the model family's knowledge (`families.to_residual`). As a
+convenience for its export format, a SemiNMF given W_out stores those directions (`resid`, (K, d_model))
+and the hookpoint where they appear (`resid_hookpoint`); `resid_features()` returns them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class SNMFConfig(DecomposerConfig):
     """d_in = d_mlp (the MLP hidden width), n_features = K. d_model > 0 stores residual directions."""
 
     d_model: int = 0  # width of the residual stream the MLP writes to; 0: no residual directions stored
+    resid_hookpoint: str = ""  # where the stored residual directions appear (the output projection's output)
     encode_iters: int = 100  # fixed steps of the non-negative code solve
     encode_solver: str = "pgd"  # "pgd" (accelerated projected gradient, exact zeros) | "mu" (multiplicative)
 
@@ -39,6 +41,8 @@ class SNMFConfig(DecomposerConfig):
         if self.hookpoint_out != self.hookpoint_in:
             raise ValueError(f"semi-NMF reads and writes one hookpoint; got hookpoint_in {self.hookpoint_in!r} "
                              f"and hookpoint_out {self.hookpoint_out!r}")
+        if self.resid_hookpoint and self.d_model == 0:
+            raise ValueError(f"resid_hookpoint {self.resid_hookpoint!r} is set but no residual directions are stored (d_model 0)")
         if self.d_model < 0 or self.encode_iters <= 0:
             raise ValueError(f"d_model must be >= 0 and encode_iters > 0, got {self.d_model} and {self.encode_iters}")
         if self.encode_solver not in ("pgd", "mu"):
@@ -93,18 +97,20 @@ class SemiNMF(Decomposer):
         """(K, d_model): each feature mapped through the MLP output projection, F^T W_out."""
         if self.config.d_model == 0:
             raise ValueError("this semi-NMF stores no residual directions (d_model = 0): train it with the MLP's "
-                             "output weights (train_snmf(..., w_out=...)) or call set_w_out(w_out) first")
+                             "output weights or call set_w_out(*families.output_projection(model, hookpoint)) first")
         return self.resid[...]
 
-    def set_w_out(self, w_out: np.ndarray | jax.Array) -> None:
-        """Store F^T W_out given W_out (d_mlp, d_model), e.g. down_proj.weight.T of a Llama MLP."""
+    def set_w_out(self, w_out: np.ndarray | jax.Array, resid_hookpoint: str = "") -> None:
+        """Store F^T W_out given W_out (d_mlp, d_model), e.g. down_proj.weight.T of a Llama MLP, and the hookpoint
+        where hidden @ W_out appears: `set_w_out(*families.output_projection(model, hookpoint))`."""
         w_out = jnp.asarray(w_out, jnp.float32)
         if w_out.ndim != 2 or w_out.shape[0] != self.config.d_in:
             hint = " (it looks transposed: pass down_proj.weight.T)" if w_out.ndim == 2 and w_out.shape[1] == self.config.d_in else ""
             raise ValueError(f"w_out must be (d_mlp={self.config.d_in}, d_model), got {tuple(w_out.shape)}{hint}")
         if self.config.d_model not in (0, w_out.shape[1]):
             raise ValueError(f"w_out has d_model {w_out.shape[1]} but this decomposer stores {self.config.d_model}")
-        self.config = dataclasses.replace(self.config, d_model=int(w_out.shape[1]))
+        self.config = dataclasses.replace(self.config, d_model=int(w_out.shape[1]),
+                                          resid_hookpoint=resid_hookpoint or self.config.resid_hookpoint)
         self.resid = nnx.Variable(self.F[...].T @ w_out)
 
     def set_features(self, f: jax.Array) -> None:

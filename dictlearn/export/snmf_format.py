@@ -4,7 +4,8 @@ Files (format "dictlearn-snmf", version 1):
 - `snmf.safetensors`:
   - `F` float32 (d_mlp, K): feature k is column k, a signed combination of MLP neurons (unit norm);
   - `resid` float32 (K, d_model), when known: feature k written to the residual stream through the MLP's output
-    projection, F[:, k] @ W_out. Adding alpha * resid[k] at `resid_hookpoint` (mlp_out.L) is the same as adding
+    projection, F[:, k] @ W_out. Adding alpha * resid[k] at `resid_hookpoint` (where the projection's output
+    appears: mlp_out.L, or mlp_out_pre_norm.L in families with an MLP post-norm) is the same as adding
     alpha * F[:, k] to the MLP hidden activation at `hookpoint` (mlp_hidden.L).
 - `snmf.json`: {"format", "format_version", "hookpoint", "resid_hookpoint", "model", "d_mlp", "n_features",
   "d_model", "encode": {"solver", "iters", "ridge", "eps"}, "sha256": {tensor name: hex digest of its raw
@@ -22,14 +23,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+
+from dictlearn.files import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "dictlearn-snmf"
 FORMAT_VERSION = 1
@@ -45,48 +47,35 @@ def _sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype="<f4").tobytes()).hexdigest()
 
 
-def resid_hookpoint(hookpoint: str) -> str:
-    """Where the MLP writes what its hidden activation holds: mlp_hidden.L -> mlp_out.L;
-    a projection's input (`...down_proj:input`) -> that projection's output."""
-    m = re.fullmatch(r"mlp_hidden\.(\d+)", hookpoint)
-    if m:
-        return f"mlp_out.{m.group(1)}"
-    if hookpoint.endswith(":input"):
-        return hookpoint[: -len(":input")]
-    raise SnmfFormatError(f"cannot tell where the MLP whose hidden activation is {hookpoint!r} writes; "
-                          "train semi-NMF on mlp_hidden.L or on an output projection's input (module.path:input)")
-
-
-def w_out_from_model(model: Any, hookpoint: str) -> np.ndarray:
-    """(d_mlp, d_model) output projection read from a torch model (Linear stores it transposed)."""
+def _unwrap(model: Any) -> Any:
+    """The torch module of a LoadedModel (a torch module as it is)."""
     import torch
 
-    from dictlearn.activations.hookpoints import resolve
-
-    module = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
-    hp = resolve(module, [hookpoint], probe_widths=False)[0]
-    proj = module.get_submodule(hp.module_path)
-    weight = proj.weight.detach().float().cpu().numpy()
-    return weight.T.copy() if isinstance(proj, torch.nn.Linear) else weight
-
-
-def residual_directions(module: Any, model: Any = None) -> np.ndarray:
-    """(K, d_model): the stored F^T W_out, or computed from `model`'s output projection."""
-    if module.config.d_model > 0:
-        return np.asarray(module.resid_features(), dtype=np.float32)
-    if model is None:
-        raise SnmfFormatError(f"this semi-NMF ({module.config.hookpoint_in}) stores no residual directions; "
-                              "pass the language model so its MLP output weights can map the features")
-    w_out = w_out_from_model(model, module.config.hookpoint_in)
-    if w_out.shape[0] != module.config.d_in:
-        raise SnmfFormatError(f"the model's output projection at {module.config.hookpoint_in} has {w_out.shape[0]} "
-                              f"inputs, but the semi-NMF has d_mlp {module.config.d_in}")
-    return (np.asarray(module.F[...], dtype=np.float32).T @ w_out).astype(np.float32)
+    return model if isinstance(model, torch.nn.Module) else model.model
 
 
 def steering_directions(module: Any, model: Any = None) -> tuple[str, np.ndarray]:
-    """(mlp_out hookpoint, (K, d_model) residual-stream directions) of a semi-NMF."""
-    return resid_hookpoint(module.config.hookpoint_in), residual_directions(module, model)
+    """(hookpoint, (K, d_model)): the semi-NMF's features in the residual stream, F^T W_out, and where they
+    appear. The stored directions when the module holds them with their hookpoint; else from `model`'s MLP
+    output projection (the model family's knowledge: `families.output_projection`)."""
+    cfg = module.config
+    if cfg.d_model > 0 and cfg.resid_hookpoint:
+        return cfg.resid_hookpoint, np.asarray(module.resid_features(), dtype=np.float32)
+    if model is None:
+        raise SnmfFormatError(f"this semi-NMF ({cfg.hookpoint_in}) stores no residual directions with their hookpoint; "
+                              "pass the language model so its MLP output weights can map the features")
+    from dictlearn.activations.families import output_projection
+
+    w_out, hookpoint = output_projection(_unwrap(model), cfg.hookpoint_in)
+    if w_out.shape[0] != cfg.d_in:
+        raise SnmfFormatError(f"the model's output projection at {cfg.hookpoint_in} has {w_out.shape[0]} "
+                              f"inputs, but the semi-NMF has d_mlp {cfg.d_in}")
+    return hookpoint, (np.asarray(module.F[...], dtype=np.float32).T @ w_out).astype(np.float32)
+
+
+def residual_directions(module: Any, model: Any = None) -> np.ndarray:
+    """(K, d_model): F^T W_out (see `steering_directions`)."""
+    return steering_directions(module, model)[1]
 
 
 def write_snmf(module: Any, folder: str | Path, model: Any = None, model_name: str | None = None) -> Path:
@@ -95,27 +84,25 @@ def write_snmf(module: Any, folder: str | Path, model: Any = None, model_name: s
 
     cfg = module.config
     tensors = {"F": np.ascontiguousarray(np.asarray(module.F[...], dtype=np.float32))}
+    resid_at = None
     try:
-        tensors["resid"] = np.ascontiguousarray(residual_directions(module, model))
+        resid_at, resid = steering_directions(module, model)
+        tensors["resid"] = np.ascontiguousarray(resid)
     except SnmfFormatError:
         pass  # F alone still encodes and decodes; steering needs resid
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (TENSORS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / TENSORS_FILE)
+    atomic_save_safetensors(folder / TENSORS_FILE, tensors)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "hookpoint": cfg.hookpoint_in,
-        "resid_hookpoint": resid_hookpoint(cfg.hookpoint_in) if "resid" in tensors else None,
+        "resid_hookpoint": resid_at,
         "model": model_name, "d_mlp": cfg.d_in, "n_features": cfg.n_features,
         "d_model": int(tensors["resid"].shape[1]) if "resid" in tensors else 0,
         "encode": {"solver": cfg.encode_solver, "iters": cfg.encode_iters, "ridge": RIDGE, "eps": EPS},
         "sha256": {k: _sha(v) for k, v in tensors.items()},
         "config": dataclasses.asdict(cfg),
     }
-    tmpj = folder / (META_FILE + ".tmp")
-    tmpj.write_text(json.dumps(meta, indent=2))
-    tmpj.replace(folder / META_FILE)
+    atomic_write_json(folder / META_FILE, meta, indent=2)
     return folder
 
 
@@ -145,7 +132,8 @@ def read_snmf(folder: str | Path) -> Any:
     if resid is not None and resid.shape != (meta["n_features"], meta["d_model"]):
         raise SnmfFormatError(f"{folder / TENSORS_FILE}: resid has shape {resid.shape}, expected "
                               f"{(meta['n_features'], meta['d_model'])}")
-    module = base.build("snmf", {**meta["config"], "d_model": 0 if resid is None else int(resid.shape[1])})
+    module = base.build("snmf", {**meta["config"], "d_model": 0 if resid is None else int(resid.shape[1]),
+                                 "resid_hookpoint": meta.get("resid_hookpoint") or "" if resid is not None else ""})
     module.F[...] = jnp.asarray(f)  # as saved (set_features would renormalise)
     if resid is not None:
         module.resid[...] = jnp.asarray(resid)
