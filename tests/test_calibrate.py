@@ -74,6 +74,7 @@ def test_calibration_reports_non_convergence(tiny_gpt2):
     v = torch.randn(32, generator=torch.Generator().manual_seed(1))
     r = calibrate_alpha(tiny_gpt2, "resid_post.1", v, PROMPTS, target_kl=0.3, tol=1e-9, max_forwards=3)
     assert not r.converged and r.n_forwards == 3 and r.kl > 0
+    assert not r.saturated and "did not converge in 3 forward passes" in r.warning
 
 
 def test_calibration_input_errors(tiny_gpt2):
@@ -120,5 +121,6 @@ def test_calibration_behind_a_post_norm_reports_saturation():
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
     r = calibrate_alpha(model, "mlp_out_pre_norm.0", v, prompts, target_kl=0.5, max_forwards=16)
     assert not r.converged and r.saturated and r.n_forwards < 16 and r.kl < 0.01
+    assert "cannot reach its target" in r.warning and "renormalised" in r.warning
     ok = calibrate_alpha(model, "mlp_out.0", v, prompts, target_kl=0.5, max_forwards=16)
-    assert ok.converged and not ok.saturated
+    assert ok.converged and not ok.saturated and ok.warning is None

@@ -50,6 +50,19 @@ class Calibration:
     def relative_error(self) -> float:
         return abs(self.kl - self.target_kl) / self.target_kl
 
+    @property
+    def warning(self) -> str | None:
+        """The sentence every caller shows when the target was not reached (None when it was)."""
+        if self.converged:
+            return None
+        reached = f"the closest strength reaches KL {self.kl:.3g}, {self.relative_error:.0%} away from the target {self.target_kl:g}"
+        if self.saturated:
+            return (f"KL calibration cannot reach its target: {reached}, and more strength barely moves it (what is "
+                    "added at this hookpoint is renormalised downstream, e.g. by a post-norm); steer where the block "
+                    "adds to the residual stream (attn_out / mlp_out / resid_*) or pick a lower target")
+        return (f"KL calibration did not converge in {self.n_forwards} forward passes: {reached}; "
+                "allow more forward passes or pick another target")
+
 
 def unit(vector) -> torch.Tensor:
     """The vector as a float32 torch unit vector; ValueError for a zero or non-finite one."""
