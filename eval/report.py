@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dictlearn.files import atomic_write_bytes, atomic_write_text
+
 COLUMNS = [  # (record key, header, format)
     ("name", "decomposer", "{}"), ("kind", "kind", "{}"), ("hookpoint_out", "writes", "{}"),
     ("n_features", "features", "{:,}"), ("l0", "L0", "{:.1f}"), ("fvu", "FVU", "{:.4f}"),
@@ -112,6 +114,15 @@ def _finite(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+def _save_png(fig: Any, path: Path, dpi: int) -> None:
+    """A figure as PNG, written atomically (a reader never sees half a plot)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, Any] | None = None) -> list[str]:
     """Write the PNG plots under folder; returns their file names."""
     import matplotlib
@@ -150,7 +161,7 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(folder / fname, dpi=110)
+        _save_png(fig, folder / fname, dpi=110)
         plt.close(fig)
         written.append(fname)
 
@@ -170,7 +181,7 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(folder / "freq_hist.png", dpi=110)
+        _save_png(fig, folder / "freq_hist.png", dpi=110)
         plt.close(fig)
         written.append("freq_hist.png")
 
@@ -207,7 +218,7 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
         if drawn:
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
             fig.tight_layout(rect=(0, 0.07, 1, 1))
-            fig.savefig(folder / "steering_curves.png", dpi=100)
+            _save_png(fig, folder / "steering_curves.png", dpi=100)
             written.append("steering_curves.png")
         plt.close(fig)
     return written
@@ -220,7 +231,7 @@ def write_report(out: Path, meta: dict[str, Any], records: list[dict[str, Any]],
     steering = json_safe(steering) if steering else None
     check_same_keys(records)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(json_safe({"meta": meta, "decomposers": records}), indent=1,
-                                                 allow_nan=False))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe({"meta": meta, "decomposers": records}), indent=1,
+                                                       allow_nan=False))
     plots = plot_all(records, out / "plots", steering)
-    (out / "report.md").write_text(markdown(meta, records, steering, [f"plots/{p}" for p in plots]))
+    atomic_write_text(out / "report.md", markdown(meta, records, steering, [f"plots/{p}" for p in plots]))

@@ -246,3 +246,23 @@ def test_export_records_the_model_as_given_and_its_fingerprint(tmp_path, monkeyp
     assert (summary["model"], summary["model_fingerprint"]) == ("models/local.gguf", fingerprint)
     features = read_features(out / "export" / "tiny")
     assert (features.model, features.model_fingerprint) == ("models/local.gguf", fingerprint)
+
+
+# --- `dictlearn run`: the same stages on one Run, every --set applied ------------------------------------------------
+def test_dictlearn_run_applies_every_override_to_every_stage(tmp_path, capsys):
+    from dictlearn.trainers.logging import read_log
+
+    cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=1024)})
+    config, out = _config(tmp_path, "all", cache, EVAL_ONLY_RECON)
+    assert _main("run", str(config), "--stages", "train", "eval", "export", "--set", "train.n_steps=20",
+                 "--set", "train.log_every=10", "--set", "eval.n_eval_rows=128") == 0
+    assert [r["step"] for r in read_log(out / "decomposers" / "tiny32" / "train_log.jsonl")] == [10, 20]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert {r["name"]: r["n_tokens"] for r in metrics["decomposers"]} == {"tiny4x": 128, "tiny32": 128}
+    assert (out / "export" / "tiny32" / "features.safetensors").is_file()
+    capsys.readouterr()
+    assert _main("run", str(config), "--stages", "train", "eval", "export", "--set", "train.n_steps=20",
+                 "--set", "train.log_every=10", "--set", "eval.n_eval_rows=128") == 0
+    printed = capsys.readouterr().out  # nothing left to do: every stage says so
+    assert "tiny32: already trained" in printed and "reusing the results of tiny32, tiny4x" in printed
+    assert "export: tiny32: up to date" in printed

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from dictlearn.trainers.spec import DecomposerSpec, TrainResult, trainer_module, trainer_name
+from dictlearn.trainers.spec import DecomposerSpec, TrainResult, data_keys, trainer_module, trainer_name
 
 
 def train(specs: list[DecomposerSpec], source: Any, cfg: Any, wandb_cfg: Any = None, **kwargs: Any) -> TrainResult:
-    """Train every spec with its kind's trainer on `source` (a BatchSource holding every key they read)."""
+    """Train every spec with its kind's trainer on `source` (a BatchSource holding every key they read, in
+    batches of cfg.batch_size); each trainer gets the source's view of the keys its specs read."""
     groups: dict[str, list[DecomposerSpec]] = {}
     for spec in specs:
         groups.setdefault(trainer_name(spec.kind), []).append(spec)
     result = TrainResult({}, {}, {})
     for name, group in groups.items():
-        module = trainer_module(name)
-        batch_size = cfg.batch_size if name == "sgd" else source.batch_size
-        view = source if name != "sgd" or source.batch_size == batch_size else source.view(source.keys, batch_size)
-        result = result.merge(module.train(group, view, cfg, wandb_cfg, **kwargs))
+        keys = data_keys(group)
+        view = source if list(source.keys) == keys else source.view(keys, source.batch_size)
+        result = result.merge(trainer_module(name).train(group, view, cfg, wandb_cfg, **kwargs))
     return result

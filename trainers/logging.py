@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dictlearn.files import atomic_write_text
+
 WANDB_MODES = ("offline", "online", "disabled")
 LOG_FILE = "train_log.jsonl"
 
@@ -45,7 +47,7 @@ def truncate_log(path: Path, last_step: int) -> None:
             continue  # a line cut short by a kill
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

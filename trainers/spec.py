@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def kinds() -> dict[str, type[base.Decomposer]]:
 
 
 def trainer_name(kind: str) -> str:
-    return getattr(kinds()[kind], "trainer", "sgd")
+    return kinds()[kind].trainer
 
 
 def trainer_module(name: str):
@@ -38,13 +39,6 @@ def trainer_module(name: str):
     if name not in TRAINERS:
         raise ConfigError(f"unknown trainer {name!r}; trainers are {', '.join(TRAINERS)}")
     return importlib.import_module(TRAINERS[name])
-
-
-def needs_grad(config: base.DecomposerConfig, kind: str) -> bool:
-    """Whether batches must carry the gradient at hookpoint_out (the kind's config says)."""
-    if hasattr(config, "needs_grad"):
-        return bool(config.needs_grad)
-    return bool(getattr(kinds()[kind], "needs_grad", False))  # kinds from before config.needs_grad
 
 
 @dataclasses.dataclass
@@ -77,18 +71,20 @@ class DecomposerSpec:
 
     @property
     def needs_grad(self) -> bool:
-        return needs_grad(self.config, self.kind)
+        """Whether batches must carry the gradient at hookpoint_out (the kind's config says)."""
+        return bool(self.config.needs_grad)
 
     def keys(self) -> list[str]:
         return list(dict.fromkeys([self.x_key, self.y_key] + ([self.grad_key] if self.needs_grad else [])))
 
     def signature(self) -> dict[str, Any]:
         """What decides the trained parameters besides the shared [train] options and the data."""
-        opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else self.options
+        opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else dict(self.options or {})
+        opts.pop("lr", None)  # recorded once, as the spec's lr
         sig = {"kind": self.kind, "config": dataclasses.asdict(self.config), "lr": self.lr}
         if opts:
             sig["options"] = opts
-        return sig
+        return json.loads(json.dumps(sig, default=str))
 
 
 @dataclasses.dataclass
@@ -169,7 +165,7 @@ def build_spec(table: dict[str, Any], hookpoints: dict[str, dict], folder: Path,
         raise ConfigError(f"{e} (plus the stage's keys {', '.join(STAGE_KEYS)} and the "
                           f"{trainer_name(kind)} trainer's {', '.join(sorted(option_keys))})") from None
     options = from_dict(trainer.OPTIONS, {k: v for k, v in table.items() if k in option_keys}, where=where)
-    if needs_grad(config, kind) and f"{hp_out}@grad" not in hookpoints:
+    if config.needs_grad and f"{hp_out}@grad" not in hookpoints:
         raise ConfigError(f"{where}: kind {kind!r} with this config needs gradients at {hp_out}, which the cache "
                           f"lacks; harvest again with {hp_out!r} in harvest.gradients")
     lr = getattr(options, "lr", None)

@@ -21,8 +21,8 @@ STAGES = ("harvest", "train", "eval", "export")
 class RunArgs:
     config: Annotated[Path, tyro.conf.Positional]
     """the run config (TOML)"""
-    set: list[str] = field(default_factory=list)
-    """config overrides, key.path=value (repeatable)"""
+    set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """config override key.path=value (repeatable: --set a=1 --set b=2)"""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """which stages to run, in order"""
 

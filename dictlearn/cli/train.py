@@ -88,6 +88,7 @@ def train_stage(run, only: list[str] | None = None) -> dict[str, Path]:
     from dictlearn.run import cache_identity, mark_done
     from dictlearn.trainers import train
     from dictlearn.trainers.data import CacheSource
+    from dictlearn.trainers.diskfull import disk_full, is_disk_full
     from dictlearn.trainers.logging import WandbConfig
     from dictlearn.trainers.sgd import finished, train_config
     from dictlearn.trainers.spec import build_spec, check_tables, data_keys
@@ -125,7 +126,13 @@ def train_stage(run, only: list[str] | None = None) -> dict[str, Path]:
         source = CacheSource(cache, data_keys(todo), cfg.batch_size, cfg.seed)
         result = train(todo, source, cfg, wandb_cfg, log_dir=run.out_dir, output_projection=run.output_projection)
         for spec in todo if jax.process_index() == 0 else []:
-            mark_done(spec.folder, _stage_inputs(identity), _stage_options(spec, cfg), [base.CONFIG_FILE, base.PARAMS_FILE])
+            try:
+                mark_done(spec.folder, _stage_inputs(identity), _stage_options(spec, cfg), [base.CONFIG_FILE, base.PARAMS_FILE])
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                raise disk_full(run.decomposers_dir, f"recording that {spec.name!r} finished",
+                                "and records the dictionaries already saved, without training them again.") from None
             print(f"{spec.name}: saved to {spec.folder}")
     return result.folders
 
