@@ -13,6 +13,10 @@ Shard k holds the tokens of sequences [seq_start, seq_stop), every row of them s
 the write. Shards are written to a temporary name, fsynced and renamed, and only then listed in the
 manifest (itself replaced atomically), so a killed harvest leaves a cache whose listed shards are all
 whole. bfloat16 is stored as safetensors "BF16" (numpy reads it through ml_dtypes); no pickle anywhere.
+
+Nothing is used silently: `check_folder` accounts for every data file against the manifest (an unlisted
+shard, a gap, a wrong total is refused), `verify` adds sizes, headers and checksums, and
+`shard_arrays(k, verify=True)` checks a shard's sha256 on the one read that uses it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ there. (The last position of a sequence predicts nothing, so its gradient is zer
 Shard k holds sequences [k*S, (k+1)*S) with S fixed by the config; its rows are shuffled with a
 generator seeded by (seed, k) before the write. Because sequence i is always the same tokens
 (`corpus.packed_sequences`) and shard k always the same sequences, a killed harvest resumes after its
-last listed shard and ends with exactly the rows an uninterrupted run writes.
+last listed shard and ends with exactly the rows an uninterrupted run writes. One harvest at a time holds
+the cache folder (`dictlearn.files.FolderLock`); a full disk stops it with a sentence saying what is written
+and that the same command resumes; the corpus and the disk space are checked before the folder is created.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def _disk_full_error(out: Path, e: OSError) -> HarvestError:
     except CacheError:
         shards, planned = [], None
     written = (f"{len(shards)} of {planned} shards ({sum(s['rows'] for s in shards):,} rows, "
-               f"{_size(sum(s['bytes'] for s in shards))}) are safely written")
+               f"{_size(sum(s['bytes'] for s in shards))}) are safely written" if shards else "no shard was written yet")
     resume = f"it resumes after shard {len(shards) - 1}" if shards else "it starts the cache again"
     return HarvestError(
         f"the disk holding {out} is full ({e.strerror or e}): {written}; free some space and run the same command "

@@ -1,8 +1,9 @@
 """`dictlearn cache info DIR` and `dictlearn cache verify DIR [--quick]`.
 
-`info` prints what a cache holds (model, corpus, hookpoints, rows, shards); `verify` checks every
-shard's size, header and sha256 against the manifest and names the first truncated or corrupt one
-(exit status 1), so a broken cache is caught before training on it.
+`info` prints what a cache holds (model, corpus, hookpoints, rows, shards); `verify` checks that the folder
+holds exactly the shards the manifest lists (no unlisted shard file, no gap in the numbering or the
+sequence ranges, totals that add up), then every shard's size, header and sha256, and names what is
+wrong (exit status 1), so a broken cache is caught before training on it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class VerifyArgs:
     path: Annotated[Path, tyro.conf.Positional]
     """the cache folder (a run's <out_dir>/cache)"""
     quick: bool = False
-    """check sizes and headers only, skipping the sha256 of every shard"""
+    """check the folder, sizes and headers only, skipping the sha256 of every shard"""
 
 
 def main(argv: list[str]) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
         else:
             cache.verify(checksums=not args.quick)
             print(f"{args.path}: OK ({len(cache.shards)} shards, {cache.n_rows:,} rows"
-                  + (", sizes and headers only)" if args.quick else ", checksums match)"))
+                  + (", folder, sizes and headers only)" if args.quick else ", folder accounted for, checksums match)"))
     except CacheError as e:
         print(f"dictlearn cache {command}: {e}", file=sys.stderr)
         return 1
