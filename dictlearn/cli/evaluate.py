@@ -80,7 +80,7 @@ def eval_stage(run, only: list[str] | None = None, force: bool = False, log=prin
     if records:
         log(f"eval: reusing the results of {', '.join(records)} (unchanged; --force re-evaluates)")
     todo = {n: d for n, d in decomposers.items() if n not in records}
-    model = run.model(cfg.torch_threads) if (todo and needs_model(cfg)) or steer_cfg is not None else None
+    model = run.model(cfg.torch_threads) if todo and needs_model(cfg) else None
     fresh = evaluate(todo, model, cache, cfg, cards_dir=run.eval_dir / "feature_cards", log=log)
     for n, record in fresh.items():
         records_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def eval_stage(run, only: list[str] | None = None, force: bool = False, log=prin
 
     steering = None
     if steer_cfg is not None:
-        steering = _steering_stage(run, decomposers, inputs, steer_cfg, cache, model, force, log)
+        steering = _steering_stage(run, decomposers, inputs, steer_cfg, cache, cfg.torch_threads, force, log)
         for n in records:
             rec = (steering or {}).get("records", {}).get(n)
             records[n]["steering"] = rec.get("summary") if rec else None
@@ -105,7 +105,7 @@ def eval_stage(run, only: list[str] | None = None, force: bool = False, log=prin
     return {"meta": meta, "decomposers": ordered}
 
 
-def _steering_stage(run, decomposers, inputs, steer_cfg, cache, model, force, log) -> dict[str, Any]:
+def _steering_stage(run, decomposers, inputs, steer_cfg, cache, torch_threads, force, log) -> dict[str, Any]:
     """steering.json for every decomposer, reused while no decomposer, the cache or an option changed."""
     import dataclasses
 
@@ -121,6 +121,7 @@ def _steering_stage(run, decomposers, inputs, steer_cfg, cache, model, force, lo
         log("eval: reusing steering.json (unchanged)")
         return json.loads(path.read_text())
     t0 = time.perf_counter()
+    model = run.model(torch_threads)  # loaded once per run: the reconstruction pass may have loaded it already
     result = evaluate_steering(model.model, model.tokenizer, decomposers, cache, steer_cfg, log=log)
     result = json_safe({**result, "seconds": time.perf_counter() - t0})
     folder.mkdir(parents=True, exist_ok=True)
