@@ -388,3 +388,39 @@ def test_l1_and_l0_coefficients_warm_up():
 def test_transcoder_with_gtopk_needs_grad():
     tc = D.build("transcoder", _config("transcoder", {"sparsity": "gtopk", "k": 4}))
     assert tc.needs_grad and not D.build("transcoder", _config("transcoder", {"k": 4})).needs_grad
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("params.safetensors", lambda b: b[: len(b) // 2]),  # truncated
+    ("params.safetensors", lambda b: b"\xff" * 64),  # garbage: "header too large" inside safetensors
+    ("config.json", lambda b: b[:-10]),  # truncated JSON
+    ("config.json", lambda b: b"\x00\x01garbage"),
+    ("config.json", lambda b: b"[1, 2]"),  # JSON, but not a decomposer config
+])
+def test_load_of_a_damaged_folder_names_the_file_and_the_fix(tmp_path, name, damage):
+    base.save(D.build("topk", _config("topk", {"k": 4})), tmp_path / "m")
+    path = tmp_path / "m" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(base.LoadError) as err:
+        base.load(tmp_path / "m")
+    message = str(err.value)
+    assert str(path) in message and "delete that folder and train again" in message, message
+
+
+def test_load_reads_a_folder_saved_before_the_dead_latent_counter_moved(tmp_path):
+    """Folders saved when TopK kept its counter under `sparsity.` (and ReLU had none) still load."""
+    from safetensors.numpy import load_file, save_file
+
+    for kind, overrides in (("topk", {"k": 4}), ("relu", {})):
+        model = D.build(kind, _config(kind, overrides))
+        model.tokens_since_fired[...] = model.tokens_since_fired[...] + 7
+        base.save(model, tmp_path / kind)
+        params = tmp_path / kind / "params.safetensors"
+        arrays = load_file(str(params))
+        old = arrays.pop("tokens_since_fired")
+        if kind == "topk":
+            arrays["sparsity.tokens_since_fired"] = old
+        save_file(arrays, str(params))
+        loaded = base.load(tmp_path / kind)
+        np.testing.assert_array_equal(np.asarray(loaded.tokens_since_fired[...]), old if kind == "topk" else 0 * old)
+        np.testing.assert_array_equal(np.asarray(loaded.W_dec[...]), np.asarray(model.W_dec[...]))

@@ -57,4 +57,3 @@ class SkipTranscoder(Transcoder):
 
     kind: ClassVar[str] = "skip_transcoder"
     skip: ClassVar[bool] = True
-    example: ClassVar[dict] = {**Transcoder.example, "sparsity": "jumprelu", "initial_threshold": 0.05, "bandwidth": 0.1}
