@@ -21,6 +21,7 @@ on top of BatchTopK's step; dense codes (BatchTopK's rare exact fallback) decode
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from dictlearn.decomposers.base import DecomposerConfig, register
 from dictlearn.decomposers.batchtopk import BatchTopKFields, BatchTopKSparsity
 from dictlearn.decomposers.sae import Codes, SparseCoder, SparseCoderConfig, Sparsity, check
-from dictlearn.decomposers.sparse_ops import SparseCodes, gather_decode
+from dictlearn.decomposers.sparse_ops import CHUNK_MIN_ELEMENTS, SparseCodes, _chunks, _take_rows, scatter_rows
 from dictlearn.decomposers.topk import TopKFields, TopKSparsity
 
 SELECTIONS = ("batchtopk", "topk")
@@ -82,22 +83,65 @@ def prefix_groups(indices: jax.Array, widths: tuple[int, ...]) -> jax.Array:
     return sum((indices >= w).astype(jnp.int32) for w in widths[:-1])
 
 
+def _by_chunks(fn, *arrays: jax.Array) -> jax.Array:
+    """fn over token chunks of the arrays (leading axis) with lax.scan, results concatenated; small
+    problems in one piece. Bounds the (chunk, slots, d) gathered-row temporaries."""
+    batch, c = arrays[0].shape[0], _chunks(arrays[0].shape[0])
+    if c == batch or arrays[0].size * arrays[-1].shape[-1] <= CHUNK_MIN_ELEMENTS:
+        return fn(*arrays)
+    _, out = jax.lax.scan(lambda _, chunk: (None, fn(*chunk)), None,
+                          tuple(a.reshape(batch // c, c, *a.shape[1:]) for a in arrays))
+    return out.reshape(batch, *out.shape[2:])
+
+
+def _group_onehot(values: jax.Array, group: jax.Array, n_groups: int) -> jax.Array:
+    """(B, m) values -> (B, G, m): each slot's value in its own group's row, zero in the others."""
+    return (group[:, None, :] == jnp.arange(n_groups)[None, :, None]).astype(values.dtype) * values[:, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def grouped_decode(values: jax.Array, indices: jax.Array, group: jax.Array, n_groups: int, w_dec: jax.Array) -> jax.Array:
+    """out[b, g] = sum of values[b, j] * w_dec[indices[b, j]] over the slots j with group[b, j] == g: (B, G, d).
+
+    Each decoder row is gathered once per slot (not once per group); the backward reads each slot's
+    gradient from its own group's row and scatters decoder gradients group by group (dictlearn's C++
+    scatter where it applies), all O(B * slots * d) per group at most, never a dense (B, n) array."""
+    return _by_chunks(lambda v, i, g: jnp.einsum("bgm,bmd->bgd", _group_onehot(v, g, n_groups), _take_rows(w_dec, i)),
+                      values, indices, group)
+
+
+def _grouped_decode_fwd(values, indices, group, n_groups, w_dec):
+    return grouped_decode(values, indices, group, n_groups, w_dec), (values, indices, group, w_dec)
+
+
+def _grouped_decode_bwd(n_groups, res, d_out):
+    values, indices, group, w_dec = res
+    d_values = _by_chunks(lambda i, g, u: jnp.sum(jnp.take_along_axis(u, g[:, :, None], axis=1) * _take_rows(w_dec, i), -1),
+                          indices, group, d_out)
+    d_w_dec = sum(scatter_rows(values * (group == g).astype(values.dtype), indices, d_out[:, g], w_dec.shape[0])
+                  for g in range(n_groups))
+    return d_values, None, None, d_w_dec
+
+
+grouped_decode.defvjp(_grouped_decode_fwd, _grouped_decode_bwd)
+
+
 def nested_decode(codes: Codes, w_dec: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Every prefix's decoded codes (no bias), stacked (G, B, d), and its L0 (G,).
 
-    Sparse codes: one gathered decode per prefix group, each slot's value kept in its own group only, then
-    a running sum over groups. Dense codes: one matmul per column block of the decoder."""
+    Sparse codes: each slot decoded into its prefix group (`grouped_decode`), then a running sum over the
+    groups. Dense codes (BatchTopK's exact fallback): one matmul per column block of the decoder."""
+    n_groups = len(widths)
     if isinstance(codes, SparseCodes):
         group = prefix_groups(codes.indices, widths)
-        parts = [gather_decode(codes.values * (group == g).astype(codes.values.dtype), codes.indices, w_dec)
-                 for g in range(len(widths))]
+        parts = jnp.moveaxis(grouped_decode(codes.values, codes.indices, group, n_groups, w_dec), 1, 0)
         active = codes.values != 0
-        l0 = jnp.stack([jnp.mean(jnp.sum(active & (group <= g), axis=-1).astype(jnp.float32)) for g in range(len(widths))])
+        l0 = jnp.stack([jnp.mean(jnp.sum(active & (group <= g), axis=-1).astype(jnp.float32)) for g in range(n_groups)])
     else:
         starts = (0,) + widths[:-1]
-        parts = [codes[:, s:e] @ w_dec[s:e] for s, e in zip(starts, widths)]
+        parts = jnp.stack([codes[:, s:e] @ w_dec[s:e] for s, e in zip(starts, widths)])
         l0 = jnp.stack([jnp.mean(jnp.sum(codes[:, :w] != 0, axis=-1).astype(jnp.float32)) for w in widths])
-    return jnp.cumsum(jnp.stack(parts), axis=0), l0
+    return jnp.cumsum(parts, axis=0), l0
 
 
 class NestedView:
