@@ -196,16 +196,16 @@ def test_a_full_disk_is_a_sentence_and_the_rerun_gives_the_uninterrupted_cache(t
     with monkeypatch.context() as m:
         _no_space_on(m, writer, nth)  # shard 5's file, or (create, then 3 shards) the manifest listing shard 3
         with pytest.raises(HarvestError) as e:
-            tiny_harvest(out=out)
+            tiny_harvest(out=out, n_tokens=2048)
     msg = str(e.value)
     on_disk = ActivationCache.open(out)
     rows, mb = sum(s["rows"] for s in on_disk.shards), sum(s["bytes"] for s in on_disk.shards) / 1e6
     assert len(on_disk.shards) == done
-    assert (f"the disk holding {out} is full (No space left on device): {done} of 16 shards ({rows:,} rows, {mb:.1f} MB) "
+    assert (f"the disk holding {out} is full (No space left on device): {done} of 8 shards ({rows:,} rows, {mb:.1f} MB) "
             f"are safely written; free some space and run the same command again: it resumes after shard {done - 1}") == msg
     assert not list(out.glob("*.tmp*"))
-    resumed = tiny_harvest(out=out)  # the same command, space freed
-    ref = tiny_harvest(out=tmp_path / "ref")
+    resumed = tiny_harvest(out=out, n_tokens=2048)  # the same command, space freed
+    ref = tiny_harvest(out=tmp_path / "ref", n_tokens=2048)
     resumed.verify()
     assert [(s["file"], s["rows"], s["sha256"]) for s in resumed.shards] == [(s["file"], s["rows"], s["sha256"]) for s in ref.shards]
 
@@ -216,12 +216,12 @@ def test_a_resuming_harvest_short_of_space_is_not_told_to_change_n_tokens(tiny_h
     with monkeypatch.context() as m:
         _no_space_on(m, "atomic_write_bytes", 4)
         with pytest.raises(HarvestError):
-            tiny_harvest(out=out)
+            tiny_harvest(out=out, n_tokens=2048)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 15 * 10**6, 15 * 10**6))
     with pytest.raises(HarvestError) as e:
-        tiny_harvest(out=out)
+        tiny_harvest(out=out, n_tokens=2048)
     msg = str(e.value)
-    assert msg.startswith("the cache still needs about 2.") and " MB plus a safety margin of 16.8 MB (2% + 16 MiB" in msg
+    assert msg.startswith("the cache still needs about 0.") and " MB plus a safety margin of 16.8 MB (2% + 16 MiB" in msg
     assert "has only 15.0 MB free" in msg and "run the same command again" in msg
     assert "n_tokens" not in msg and "dtype" not in msg  # changing them would be refused as a different config
 
