@@ -99,6 +99,7 @@ def test_a_different_config_is_refused_not_mixed(tiny_harvest, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(CacheError, match="not empty"):
         tiny_harvest(out=tmp_path / "other")
+    assert [f.name for f in (tmp_path / "other").iterdir()] == ["notes.txt"]  # not even a lock file left there
 
 
 def test_bad_hookpoint_fails_before_any_work(tiny_harvest, tmp_path):

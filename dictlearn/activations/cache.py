@@ -366,12 +366,17 @@ class CacheWriter:
                 for stale in path.glob("*.tmp*"):
                     stale.unlink(missing_ok=True)
             return cls(path, old)
-        if path.exists() and any(f.name != LOCK_FILE for f in path.iterdir()):
-            raise CacheError(f"{path} exists and is not empty but holds no {MANIFEST}; choose an empty or new folder")
+        cls.check_new_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         manifest = {**manifest, "shards": [], "complete": False}
         atomic_write_json(mf, manifest)
         return cls(path, manifest)
+
+    @staticmethod
+    def check_new_folder(path: Path) -> None:
+        """Refuse a folder that holds other files but no manifest (never harvest into someone's data)."""
+        if path.exists() and not (path / MANIFEST).is_file() and any(f.name != LOCK_FILE for f in path.iterdir()):
+            raise CacheError(f"{path} exists and is not empty but holds no {MANIFEST}; choose an empty or new folder")
 
     @property
     def n_done(self) -> int:

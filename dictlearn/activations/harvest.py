@@ -281,7 +281,8 @@ def harvest(
         "n_tokens": 0,
         "n_rows": 0,
     }
-    if not (out / MANIFEST).is_file():  # checks that must not leave a folder behind when they fail
+    if not (out / MANIFEST).is_file():  # checks that must not leave a folder (or a lock file) behind when they fail
+        CacheWriter.check_new_folder(out)
         check_corpus(corpus)
         _check_disk(out, p.estimated_bytes, config, resuming=False)
     try:
