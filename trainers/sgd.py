@@ -236,7 +236,7 @@ def train(
     members, models = _build(specs, cfg, n_steps, getattr(source, "identity", None))
     _check_same_data(members, source)
     states, shardings = _place(members, models, cfg, mesh)
-    resumed = restore_newest([m.checkpointer for m in members], [(*s, _trainer_state(0)) for s in states],
+    resumed = restore_newest([m.checkpointer for m in members], [(*s, _trainer_state(0, mesh)) for s in states],
                              [m.signature for m in members], say=print if main_process else (lambda text: None))
     if resumed is None:  # a fresh start: scales and data-dependent init from a sample, then lay out again
         _init_from_sample(members, models, source.sample(cfg.sample_tokens), cfg.scale_inputs)
@@ -276,7 +276,7 @@ def train(
             meta = {"step": step, "batch_index": step, "tokens": step * batch_size, "seed": cfg.seed,
                     "scale_in": m.scale_in, "scale_out": m.scale_out, "signature": m.signature,
                     "data_source": getattr(source, "describe", lambda: None)()}
-            m.checkpointer.save(step, model_state, opt_state, _trainer_state(step), meta)
+            m.checkpointer.save(step, model_state, opt_state, _trainer_state(step, mesh), meta)
 
     def check_finite(step: int, outs) -> None:
         """Stop at the first step whose loss or parameters are not finite (checkpoints stay as they were)."""
@@ -343,9 +343,11 @@ def train(
     return TrainResult(decomposers, logs, {m.spec.name: m.spec.folder for m in members})
 
 
-def _trainer_state(step: int) -> dict[str, jax.Array]:
-    """What the trainer itself carries between steps: the loader position (the batch index)."""
-    return {"batch_index": jnp.asarray(step, jnp.int32)}
+def _trainer_state(step: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """What the trainer itself carries between steps: the loader position (the batch index), replicated
+    on the mesh (a checkpoint of a multi-process job holds only global arrays)."""
+    state = {"batch_index": np.asarray(step, np.int32)}
+    return sharding.place(state, sharding.tree_shardings(state, mesh, 1))
 
 
 def _close_quietly(members: list[_Member], failed: bool) -> None:
