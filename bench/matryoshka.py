@@ -11,7 +11,7 @@
 
 Usage:
   .venv/bin/python bench/matryoshka.py throughput [--sizes 576x4608,768x16384] [--batch 4096] [--k 32]
-  .venv/bin/python bench/matryoshka.py smollm2 [--layer 10] [--tokens 65536] [--expansion 8] [--k 32]
+  .venv/bin/python bench/matryoshka.py smollm2 [--layer 10] [--tokens 131072] [--expansion 4] [--k 32] [--steps 600]
 """
 
 from __future__ import annotations
@@ -97,15 +97,76 @@ def throughput(args) -> int:
 # ---- SmolLM2 prefixes ----------------------------------------------------------------------------------
 
 
-def smollm2(args) -> int:
+def heldout_prefix_stats(model, x: np.ndarray, widths: list[int], chunk: int = 2048) -> dict[int, tuple[float, float]]:
+    """{width: (FVU, L0)} on raw held-out rows: codes of the first `width` latents decoded with b_dec."""
     import jax.numpy as jnp
 
+    w_dec, b_dec = np.asarray(model.W_dec[...]), np.asarray(model.b_dec[...])
+    err = {w: 0.0 for w in widths}
+    l0 = {w: 0.0 for w in widths}
+    for i in range(0, len(x), chunk):
+        xb = x[i : i + chunk]
+        codes = np.asarray(model.encode(jnp.asarray(xb)))
+        for w in widths:
+            err[w] += float(np.sum((xb - codes[:, :w] @ w_dec[:w] - b_dec) ** 2))
+            l0[w] += float(np.sum(codes[:, :w] != 0))
+    total = float(np.sum((x - x.mean(0)) ** 2))
+    return {w: (err[w] / total, l0[w] / len(x)) for w in widths}
+
+
+def smollm2(args) -> int:
+    from dictlearn.activations.cache import ActivationCache
     from dictlearn.activations.corpus import CorpusConfig
     from dictlearn.activations.harvest import HarvestConfig, harvest
     from dictlearn.activations.models import load_model
-    from dictlearn.eval.downstream import spliced_loss  # noqa: F401  (checked below)
+    from dictlearn.decomposers import base
+    from dictlearn.decomposers.matryoshka import first_latents
+    from dictlearn.eval.downstream import evaluate_downstream
+    from dictlearn.trainers.data import CacheSource
+    from dictlearn.trainers.sgd import TrainConfig, train
+    from dictlearn.trainers.spec import DecomposerSpec, data_keys
 
-    raise SystemExit("not yet")
+    hookpoint = f"resid_post.{args.layer}"
+    work = Path(args.out or tempfile.mkdtemp(prefix="matryoshka_bench_"))
+    loaded = load_model(str(ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    cache_dir = work / "cache"
+    if (cache_dir / "manifest.json").is_file():
+        cache = ActivationCache.open(cache_dir)
+    else:
+        corpus = CorpusConfig(path=str(ASSETS / "english-corpus.jsonl.gz"), context_length=128)
+        cache = harvest(loaded, corpus, HarvestConfig(hookpoints=[hookpoint], n_tokens=args.tokens, shard_mb=16,
+                                                      eval_fraction=0.125), cache_dir, progress=False)
+    d = cache.hookpoints[hookpoint]["width"]
+    n = args.expansion * d
+    widths = [w for w in (n // 64, n // 16, n // 4) if w >= 1] + [n]
+    common = {"d_in": d, "n_features": n, "k": args.k, "hookpoint_in": hookpoint}
+    specs = [DecomposerSpec("batchtopk", "batchtopk", base.REGISTRY["batchtopk"].config_cls(**common), work / "batchtopk"),
+             DecomposerSpec("matryoshka", "matryoshka",
+                            base.REGISTRY["matryoshka"].config_cls(**common, prefix_widths=widths), work / "matryoshka")]
+    cfg = TrainConfig(batch_size=args.batch, n_steps=args.steps, lr=args.lr, warmup_steps=args.steps // 10,
+                      progress=False, log_every=max(args.steps // 5, 1), checkpoint_every=args.steps, sample_tokens=8192)
+    result = train(specs, CacheSource(cache, data_keys(specs), args.batch), cfg)
+    held = np.concatenate([np.asarray(cache.shard_arrays(i, [hookpoint])[hookpoint], np.float32)
+                           for i in cache.shard_ids("eval")])
+    models = {name: base.load(folder) for name, folder in result.folders.items()}
+    print(f"SmolLM2-135M-Instruct {hookpoint}: {cache.rows('train'):,} train / {len(held):,} held-out tokens; "
+          f"{n} latents, k {args.k}, {args.steps} steps of {args.batch}")
+    stats = {name: heldout_prefix_stats(m, held, widths) for name, m in models.items()}
+    spliced = {f"matryoshka[:{w}]": models["matryoshka"].prefix(w) for w in widths}
+    # A BatchTopK SAE's first w latents (its order is arbitrary): the contrast to Matryoshka's prefixes.
+    spliced.update({f"batchtopk[:{w}]": first_latents(models["batchtopk"], w) for w in widths})
+    seqs = cache.sequence_tokens(cache.eval_sequences()[: args.ce_sequences])
+    ce = evaluate_downstream(loaded.model, seqs, spliced, excluded_token_ids=cache.manifest.get("excluded_token_ids", []))
+    any_ce = next(iter(ce.values()))
+    print(f"  CE clean {any_ce.ce_clean:.3f}, zero-ablated {any_ce.ce_ablated:.3f} ({any_ce.n_tokens:,} tokens)")
+    print("  prefix   | matryoshka FVU   L0     CE    CE score | batchtopk first-w FVU   L0     CE    CE score")
+    for w in widths:
+        a, b = ce[f"matryoshka[:{w}]"], ce[f"batchtopk[:{w}]"]
+        (fm, lm), (fb, lb) = stats["matryoshka"][w], stats["batchtopk"][w]
+        print(f"  {w:8d} | {fm:14.3f} {lm:6.1f} {a.ce_spliced:6.3f} {a.ce_loss_score:8.3f} | "
+              f"{fb:21.3f} {lb:6.1f} {b.ce_spliced:6.3f} {b.ce_loss_score:8.3f}")
+    print(f"  (folders under {work})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rounds", type=int, default=3)
     s = sub.add_parser("smollm2", help="prefix FVU / L0 / CE of a Matryoshka SAE on a real SmolLM2 cache")
     s.add_argument("--layer", type=int, default=10)
-    s.add_argument("--tokens", type=int, default=65536)
-    s.add_argument("--expansion", type=int, default=8)
+    s.add_argument("--tokens", type=int, default=131072)
+    s.add_argument("--expansion", type=int, default=4)
     s.add_argument("--k", type=int, default=32)
-    s.add_argument("--cache", help="reuse (or create) the cache in this folder")
+    s.add_argument("--steps", type=int, default=600)
+    s.add_argument("--batch", type=int, default=1024)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--ce-sequences", type=int, default=32, help="held-out sequences for the spliced CE")
+    s.add_argument("--out", help="work folder (reused: an existing cache there is not harvested again)")
     args = ap.parse_args(argv)
     return throughput(args) if args.mode == "throughput" else smollm2(args)
 

@@ -204,3 +204,23 @@ def test_saelens_encodes_smollm2_activations_as_dictlearn(smol_cache, train_step
           f"(codes up to {np.abs(ours).max():.3g}), output {np.abs(theirs_out[keep] - ours_out[keep]).max():.3g}")
     assert diff <= 1e-5 * np.abs(ours).max() + 1e-5, f"max abs code difference {diff}"
     np.testing.assert_allclose(theirs_out[keep], ours_out[keep], rtol=1e-4, atol=1e-4 * np.abs(held).max())
+
+
+def test_a_prefix_is_a_batchtopk_sae_encoding_as_the_first_latents():
+    m = build(prefix_widths=[6, 24])
+    rng = np.random.default_rng(2)
+    m.b_enc[...] = jnp.asarray(rng.normal(0, 0.3, N).astype(np.float32))
+    m.b_dec[...] = jnp.asarray(rng.normal(0, 0.3, D_IN).astype(np.float32))
+    m.sparsity.threshold[...] = jnp.asarray(0.2, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((32, D_IN)).astype(np.float32))
+    codes = np.asarray(m.encode(x))
+    small = m.prefix(24)
+    assert small.kind == "batchtopk" and small.config.n_features == 24
+    np.testing.assert_array_equal(np.asarray(small.encode(x)), codes[:, :24])
+    np.testing.assert_allclose(np.asarray(small(x)), codes[:, :24] @ np.asarray(m.W_dec[...])[:24] + np.asarray(m.b_dec[...]),
+                               rtol=1e-5, atol=1e-5)
+    assert (codes[:, :24] != 0).any()
+    with pytest.raises(ValueError, match="not a standalone SAE"):
+        build(selection="topk").prefix(6)
+    with pytest.raises(ValueError, match=r"1\.\.48"):
+        m.prefix(49)

@@ -232,3 +232,31 @@ class MatryoshkaSAE(SparseCoder):
     def loss(self, batch: dict[str, jax.Array], optional: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
         total, metrics = super().loss(batch, optional)
         return total + metrics["inner_loss"], metrics
+
+    def prefix(self, width: int) -> SparseCoder:
+        """The first `width` latents as a BatchTopK SAE of that width: with BatchTopK selection a latent's
+        inference code depends only on itself (one global threshold), so it encodes exactly as the first
+        `width` codes of this SAE and reconstructs that prefix. TopK selection has no such form (its top k
+        are chosen among all latents)."""
+        check(self.config.selection == "batchtopk", "a prefix of a Matryoshka SAE with selection \"topk\" is not a "
+              "standalone SAE (its top k are chosen among all latents); train with selection = \"batchtopk\" to use "
+              "prefixes alone")
+        return first_latents(self, width)
+
+
+def first_latents(coder: SparseCoder, width: int) -> SparseCoder:
+    """A BatchTopK SAE made of the first `width` latents of a SAE with a global inference threshold (BatchTopK or
+    Matryoshka with BatchTopK selection): same weights, bias, threshold and dead-latent counters."""
+    from dictlearn.decomposers.base import build
+
+    cfg = coder.config
+    check(isinstance(coder.sparsity, BatchTopKSparsity), f"first_latents needs a global-threshold (BatchTopK) SAE, got {coder.kind}")
+    check(1 <= width <= cfg.n_features, f"prefix width must be in 1..{cfg.n_features}, got {width}")
+    small = build("batchtopk", {"d_in": cfg.d_in, "n_features": width, "k": min(cfg.k, width), "seed": cfg.seed,
+                                "hookpoint_in": cfg.hookpoint_in, "hookpoint_out": cfg.hookpoint_out})
+    for name in ("W_enc", "b_enc", "W_dec", "tokens_since_fired"):
+        getattr(small, name)[...] = getattr(coder, name)[...][:width]
+    small.b_dec[...] = coder.b_dec[...]
+    small.sparsity.threshold[...] = coder.sparsity.threshold[...]
+    small.sparsity.threshold_updates[...] = coder.sparsity.threshold_updates[...]
+    return small
