@@ -6,7 +6,18 @@ optional `datasets` extra). Documents are tokenised without special tokens, join
 end-of-text token and cut into sequences of `context_length` tokens; with `prepend_bos` each sequence
 starts with the BOS token (that position is a special token and is later left out of the cache).
 
-Packing is deterministic: sequence i is always the same tokens for the same corpus and tokenizer, so a
+With `mode = "chat"` the records hold `messages` (a list of {"role", "content"}) and each conversation is
+rendered with the tokenizer's own chat template into its own sequence (never packed with another): shorter
+ones are padded at the end, longer ones truncated or split (`overflow`). Per token, the role of the message
+it belongs to is found by rendering the conversation's prefixes (the template renders messages[:i] as a
+prefix of messages[:i+1]); only the tokens of `roles` are cached, and of those only the messages' own text
+unless `template_tokens` keeps the template's markers and role headers too. Padding is never cached.
+
+`left_out` is the one place that decides which positions of a sequence are left out of a cache (padding,
+other roles, special tokens, the attention-sink position 0): the harvest, the downstream loss and, through
+the cache's rows, the feature cards all use it.
+
+Sequence order is deterministic: sequence i is always the same tokens for the same corpus and tokenizer, so a
 harvest can resume by skipping sequences instead of remembering reader state.
 """
 
@@ -15,13 +26,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+MODES = ("packed", "chat")
+OVERFLOWS = ("truncate", "split")
 
 
 class CorpusError(ValueError):
@@ -33,13 +46,25 @@ class CorpusConfig:
     """The `[corpus]` table of a run config."""
 
     path: str  # local file or folder, or a Hugging Face dataset name (needs the `datasets` extra)
-    field: str = "text"  # JSON / parquet / dataset column holding the text
-    context_length: int = 128  # tokens per packed sequence
-    prepend_bos: bool | str = "auto"  # "auto" (when the tokenizer adds BOS itself), true or false
+    field: str | None = None  # JSON / parquet / dataset column: default "text" (packed) or "messages" (chat)
+    context_length: int = 128  # tokens per sequence
+    prepend_bos: bool | str = "auto"  # packed: "auto" (when the tokenizer adds BOS itself), true or false
     dataset_config: str | None = None  # Hugging Face dataset configuration name
     split: str = "train"  # Hugging Face dataset split
+    mode: str = "packed"  # "packed" (documents joined and cut) or "chat" (one conversation per sequence)
+    roles: list[str] = dataclass_field(default_factory=lambda: ["assistant"])  # chat: whose tokens are cached
+    template_tokens: bool = False  # chat: also cache the template's markers and role headers of those turns
+    overflow: str = "truncate"  # chat: a conversation longer than context_length is "truncate"d or "split"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"corpus.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"corpus.overflow must be one of {', '.join(OVERFLOWS)}, got {self.overflow!r}")
+        if self.mode == "chat" and not self.roles:
+            raise ValueError('corpus.roles is empty: name the roles whose tokens are cached, e.g. roles = ["assistant"]')
+        if self.field is None:
+            self.field = "messages" if self.mode == "chat" else "text"
         if self.context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
         if str(self.prepend_bos).lower() not in ("auto", "true", "false"):
@@ -74,16 +99,17 @@ def is_local(path: str) -> bool:
     return p.exists() or path.startswith((".", "/", "~")) or _has_suffix(p)
 
 
-def _field_of(record: dict, field: str, where: str) -> str:
+def _field_of(record: dict, field: str, where: str, want: type = str) -> Any:
     if field not in record:
         raise CorpusError(f"{where}: has no field {field!r} (fields: {', '.join(record)}); set corpus.field")
     value = record[field]
-    if not isinstance(value, str):
-        raise CorpusError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+    if not isinstance(value, want):
+        what = "text" if want is str else "a list of messages"
+        raise CorpusError(f"{where}: field {field!r} is {type(value).__name__}, not {what}")
     return value
 
 
-def _read_file(f: Path, field: str) -> Iterator[str]:
+def _read_file(f: Path, field: str, want: type = str) -> Iterator[Any]:
     if f.name.endswith(".txt"):
         yield f.read_text(encoding="utf-8", errors="replace")
     elif f.name.endswith((".jsonl", ".jsonl.gz")):
@@ -95,7 +121,7 @@ def _read_file(f: Path, field: str) -> Iterator[str]:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise CorpusError(f"{f}:{i + 1}: not valid JSON: {e}") from e
-                    yield _field_of(record, field, f"{f}:{i + 1}")
+                    yield _field_of(record, field, f"{f}:{i + 1}", want)
     else:
         import pyarrow.parquet as pq
 
@@ -106,7 +132,11 @@ def _read_file(f: Path, field: str) -> Iterator[str]:
             yield from (t for t in batch.column(0).to_pylist() if t)
 
 
-def _read_hf(config: CorpusConfig) -> Iterator[str]:
+def _want(config: CorpusConfig) -> type:
+    return list if config.mode == "chat" else str
+
+
+def _read_hf(config: CorpusConfig) -> Iterator[Any]:
     try:
         import datasets
     except ImportError as e:
@@ -116,14 +146,14 @@ def _read_hf(config: CorpusConfig) -> Iterator[str]:
         ) from e
     ds = datasets.load_dataset(config.path, config.dataset_config, split=config.split, streaming=True)
     for i, record in enumerate(ds):
-        yield _field_of(record, config.field, f"{config.path}[{i}]")
+        yield _field_of(record, config.field, f"{config.path}[{i}]", _want(config))
 
 
-def documents(config: CorpusConfig) -> Iterator[str]:
-    """The corpus's documents as strings, in a fixed order."""
+def documents(config: CorpusConfig) -> Iterator[Any]:
+    """The corpus's documents in a fixed order: strings, or (chat mode) lists of messages."""
     if is_local(config.path):
         for f in local_files(config.path):
-            yield from _read_file(f, config.field)
+            yield from _read_file(f, config.field, _want(config))
     else:
         yield from _read_hf(config)
 
@@ -134,7 +164,7 @@ def check_corpus(config: CorpusConfig, n_docs: int = 16) -> None:
     seen = filled = 0
     for doc in documents(config):  # a record without `field` raises CorpusError naming it
         seen += 1
-        filled += bool(doc.strip())
+        filled += bool(doc.strip()) if isinstance(doc, str) else bool(doc)
         if seen >= n_docs:
             break
     if not seen:
@@ -218,3 +248,110 @@ def special_token_ids(tokenizer) -> np.ndarray:
         if v is not None:
             ids.add(int(v))
     return np.asarray(sorted(ids), dtype=np.int32)
+
+
+# --- chat mode ---------------------------------------------------------------------------------------------------
+class Sequence(NamedTuple):
+    """One sequence of a corpus: (context_length,) int32 `tokens`, the bool `content` mask of positions whose
+    tokens may be cached (chat: the chosen roles' tokens; packed: every position) and the number of real
+    (not padding) tokens."""
+
+    tokens: np.ndarray
+    content: np.ndarray
+    length: int
+
+
+def _render(tokenizer, messages: list) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def chat_tokens(tokenizer, messages: list, config: CorpusConfig, where: str = "a conversation") -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, content mask) of one conversation rendered with the tokenizer's chat template; the mask
+    marks the tokens of `config.roles` (their messages' text, plus the template's tokens of those turns when
+    `config.template_tokens`)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CorpusError(f"corpus.mode = \"chat\" needs a tokenizer with a chat template, and {type(tokenizer).__name__} "
+                          "has none; use an instruct model's tokenizer or corpus.mode = \"packed\"")
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise CorpusError(f"{where}: every message must be {{\"role\": str, \"content\": str}}, got {str(m)[:80]!r}")
+    text = _render(tokenizer, messages)
+    bounds = [0]  # message i owns text[bounds[i]:bounds[i + 1]]
+    for i in range(1, len(messages) + 1):
+        prefix = text if i == len(messages) else _render(tokenizer, messages[:i])
+        if not text.startswith(prefix):
+            raise CorpusError(f"{where}: the chat template does not render the first {i} message(s) as a prefix of the "
+                              "whole conversation, so tokens cannot be assigned to roles; use corpus.mode = \"packed\"")
+        bounds.append(len(prefix))
+    spans = []  # (start, stop) of each message's own text
+    for i, m in enumerate(messages):
+        at = text.find(m["content"], bounds[i], bounds[i + 1])
+        if at < 0:
+            raise CorpusError(f"{where}: message {i}'s text is not in its rendering by the chat template")
+        spans.append((at, at + len(m["content"])))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    content = np.zeros(len(ids), dtype=bool)
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        i = max(0, int(np.searchsorted(bounds, a, side="right")) - 1)
+        if i >= len(messages) or messages[i]["role"] not in config.roles:
+            continue
+        s, e = spans[i]
+        content[j] = config.template_tokens or (a < e and b > s)
+    return ids, content
+
+
+def chat_sequences(config: CorpusConfig, tokenizer, start: int = 0) -> Iterator[Sequence]:
+    """One Sequence per conversation (or per piece of a split one), padded at the end: sequence `start`, ..."""
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+    T, index = config.context_length, 0
+    for n, messages in enumerate(documents(config)):
+        ids, content = chat_tokens(tokenizer, messages, config, where=f"{config.path} conversation {n}")
+        stops = range(0, len(ids), T) if config.overflow == "split" else range(0, min(len(ids), 1))
+        for a in stops:
+            if index >= start:
+                piece, mask = ids[a : a + T], content[a : a + T]
+                tokens = np.full(T, pad, dtype=np.int32)
+                tokens[: len(piece)] = piece
+                full = np.zeros(T, dtype=bool)
+                full[: len(mask)] = mask
+                yield Sequence(tokens, full, len(piece))
+            index += 1
+
+
+def sequences(config: CorpusConfig, tokenizer, start: int = 0) -> Iterator[Sequence]:
+    """The corpus's sequences from `start` on, in either mode."""
+    if config.mode == "chat":
+        yield from chat_sequences(config, tokenizer, start)
+        return
+    everything = np.ones(config.context_length, dtype=bool)
+    for tokens in packed_sequences(config, tokenizer, start):
+        yield Sequence(tokens, everything, config.context_length)
+
+
+# --- which positions a cache leaves out ------------------------------------------------------------------------
+LEFT_OUT_RULES = ("padding", "other_roles", "special_tokens", "sink")
+
+
+def left_out(tokens: np.ndarray, excluded_token_ids=(), skip_sink: bool = False, content: np.ndarray | None = None,
+             lengths: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, int]]:
+    """(keep mask, tokens left out per rule) for (n, T) `tokens`. Rules, each position counted under the first
+    that applies: padding (position >= the sequence's length), other_roles (outside `content`), special_tokens
+    (ids in `excluded_token_ids`: BOS, EOS, `<unk>`, ...), sink (position 0, which the model uses as an attention
+    sink when no BOS is there to be one)."""
+    tokens = np.atleast_2d(np.asarray(tokens))
+    n, T = tokens.shape
+    pos = np.broadcast_to(np.arange(T), (n, T))
+    masks = {
+        "padding": pos >= (np.asarray(lengths)[:, None] if lengths is not None else T),
+        "other_roles": ~np.asarray(content, dtype=bool).reshape(n, T) if content is not None else np.zeros((n, T), bool),
+        "special_tokens": np.isin(tokens, np.asarray(list(excluded_token_ids), dtype=np.int64)),
+        "sink": (pos == 0) & bool(skip_sink),
+    }
+    taken = np.zeros((n, T), dtype=bool)
+    counts = {}
+    for rule in LEFT_OUT_RULES:
+        new = masks[rule] & ~taken
+        counts[rule] = int(new.sum())
+        taken |= new
+    return ~taken, counts

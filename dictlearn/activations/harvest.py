@@ -8,10 +8,15 @@ there. (The last position of a sequence predicts nothing, so its gradient is zer
 
 Shard k holds sequences [k*S, (k+1)*S) with S fixed by the config; its rows are shuffled with a
 generator seeded by (seed, k) before the write. Because sequence i is always the same tokens
-(`corpus.packed_sequences`) and shard k always the same sequences, a killed harvest resumes after its
+(`corpus.sequences`) and shard k always the same sequences, a killed harvest resumes after its
 last listed shard and ends with exactly the rows an uninterrupted run writes. One harvest at a time holds
 the cache folder (`dictlearn.files.FolderLock`); a full disk stops it with a sentence saying what is written
 and that the same command resumes; the corpus and the disk space are checked before the folder is created.
+
+Positions left out (`corpus.left_out`): padding and other roles' tokens (chat mode), special tokens, and by
+default the attention-sink position 0 (on the quickstart cache those rows were 0.8% of the rows but carried
+5.3% of the squared norm of mlp_hidden.10); optionally rows whose norm exceeds `outlier_norm_factor` times the
+shard's median norm. The manifest's `left_out` counts the tokens each rule left out.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import torch
 
 from dictlearn.activations import hookpoints as hp_mod
 from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, ActivationCache, CacheError, CacheWriter
-from dictlearn.activations.corpus import (CorpusConfig, check_corpus, fingerprint as corpus_fingerprint, packed_sequences,
-                                          special_token_ids)
+from dictlearn.activations.corpus import (LEFT_OUT_RULES, CorpusConfig, Sequence, check_corpus, fingerprint as corpus_fingerprint,
+                                          left_out, sequences, special_token_ids)
 from dictlearn.activations.models import LoadedModel
 from dictlearn.files import FolderLock
 
@@ -58,6 +63,8 @@ class HarvestConfig:
     shard_mb: float = 64.0  # target shard size; rows are shuffled within a shard before it is written
     eval_fraction: float = 0.05  # share of shards held out for evaluation (at least one when > 0)
     exclude_special_tokens: bool = True  # leave BOS / EOS / padding positions out of the cache
+    skip_sink_positions: bool = True  # leave out position 0 (the attention sink; BOS there is left out anyway)
+    outlier_norm_factor: float = 0.0  # > 0: leave out rows whose norm exceeds this times the shard's median norm
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +74,8 @@ class HarvestConfig:
             raise ValueError(f"dtype {self.dtype!r} is not a storage dtype; use one of {', '.join(STORAGE_DTYPES)}")
         if self.n_tokens <= 0 or self.batch_size <= 0 or self.shard_mb <= 0:
             raise ValueError("n_tokens, batch_size and shard_mb must be positive")
+        if self.outlier_norm_factor < 0 or 0 < self.outlier_norm_factor <= 1:
+            raise ValueError(f"outlier_norm_factor must be 0 (off) or above 1, got {self.outlier_norm_factor}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         missing = [g for g in self.gradients if g not in self.hookpoints]
@@ -225,28 +234,84 @@ def _numpy_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-def _shard_rows(model, tokens: np.ndarray, seq_start: int, p: Plan, grad_hps: list, excluded: torch.Tensor,
-                config: HarvestConfig, on_batch) -> dict[str, np.ndarray]:
-    """Rows (in harvest order) of every stored array for the (n_seq, ctx) `tokens` of one shard, special
-    token positions left out; `on_batch(n_tokens)` reports progress."""
+def _n_layers(model) -> int | None:
+    """The decoder's layer count, or None for a model whose family is unknown (module-path hookpoints still work)."""
+    try:
+        return hp_mod.n_layers(model)
+    except hp_mod.FamilyError:
+        return None
+
+
+def _outliers(arrays: dict[str, np.ndarray], p: Plan, factor: float) -> np.ndarray:
+    """Rows whose norm, at any stored activation, exceeds `factor` times that activation's median row norm."""
+    from dictlearn.activations.cache import to_float32
+
+    out = np.zeros(len(arrays["seq"]), dtype=bool)
+    for key in p.widths:
+        if key.endswith(GRAD_SUFFIX) or not len(out):
+            continue
+        a = arrays[key]
+        norms = np.linalg.norm(to_float32(a) if a.dtype != np.float32 else a, axis=1)
+        out |= norms > factor * np.median(norms)
+    return out
+
+
+def _shard_rows(model, seqs: list[Sequence], seq_start: int, p: Plan, grad_hps: list, config: HarvestConfig,
+                rules: dict, on_batch) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Rows (in harvest order) of every stored array for one shard's sequences, with the positions
+    `corpus.left_out` leaves out (and, when asked, outlier rows) dropped; also the count per rule.
+    `on_batch(n_tokens)` reports progress."""
     device = next(model.parameters()).device
     out: dict[str, list[np.ndarray]] = {key: [] for key in [*p.widths, "token_id", "seq", "pos"]}
-    n_seq, ctx = tokens.shape
-    for b0 in range(0, n_seq, config.batch_size):
-        ids = torch.from_numpy(tokens[b0 : b0 + config.batch_size].astype(np.int64))
+    counts = dict.fromkeys(LEFT_OUT_RULES, 0)
+    ctx = p.context_length
+    for b0 in range(0, len(seqs), config.batch_size):
+        batch = seqs[b0 : b0 + config.batch_size]
+        tokens = np.stack([s.tokens for s in batch])
+        keep, n_out = left_out(tokens, rules["excluded_token_ids"], rules["skip_sink_positions"],
+                               np.stack([s.content for s in batch]), np.array([s.length for s in batch]))
+        counts = {k: counts[k] + n_out[k] for k in counts}
+        ids = torch.from_numpy(tokens.astype(np.int64))
         acts = _forward(model, ids.to(device), p.hookpoints, grad_hps)
-        flat = ids.reshape(-1)
-        keep = ~torch.isin(flat, excluded)
+        keep_np = keep.reshape(-1)
+        keep_t = torch.from_numpy(keep_np)
         for key, width in p.widths.items():
             if acts[key].shape[-1] != width:
                 raise HarvestError(f"{key}: captured width {acts[key].shape[-1]}, planned {width}")
-            out[key].append(_numpy_storage(acts[key].reshape(-1, width)[keep.to(acts[key].device)].cpu(), config.dtype))
-        keep_np = keep.numpy()
-        out["token_id"].append(flat.numpy().astype(np.int32)[keep_np])
-        out["seq"].append(np.repeat(np.arange(seq_start + b0, seq_start + b0 + len(ids), dtype=np.int32), ctx)[keep_np])
-        out["pos"].append(np.tile(np.arange(ctx, dtype=np.int32), len(ids))[keep_np])
+            out[key].append(_numpy_storage(acts[key].reshape(-1, width)[keep_t.to(acts[key].device)].cpu(), config.dtype))
+        out["token_id"].append(tokens.reshape(-1)[keep_np])
+        out["seq"].append(np.repeat(np.arange(seq_start + b0, seq_start + b0 + len(batch), dtype=np.int32), ctx)[keep_np])
+        out["pos"].append(np.tile(np.arange(ctx, dtype=np.int32), len(batch))[keep_np])
         on_batch(ids.numel())
-    return {key: np.concatenate(v) for key, v in out.items()}
+    arrays = {key: np.concatenate(v) for key, v in out.items()}
+    counts["outliers"] = 0
+    if config.outlier_norm_factor > 0:
+        drop = _outliers(arrays, p, config.outlier_norm_factor)
+        counts["outliers"] = int(drop.sum())
+        arrays = {key: v[~drop] for key, v in arrays.items()}
+    return arrays, counts
+
+
+def kept_positions(cache: ActivationCache, seq_ids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """(n, T) bool: the positions of these cached sequences that the harvest kept (by `corpus.left_out`, with
+    the cache's own rules and, for chat caches, its stored role masks and lengths), for the downstream loss."""
+    m = cache.manifest
+    rules = m.get("position_rules", {"excluded_token_ids": m.get("excluded_token_ids", []), "skip_sink_positions": False})
+    content = lengths = None
+    if m.get("corpus", {}).get("config", {}).get("mode") == "chat":
+        starts = np.array([s["seq_start"] for s in cache.shards])
+        content, lengths = np.zeros(tokens.shape, dtype=bool), np.zeros(len(tokens), dtype=np.int64)
+        for j, sid in enumerate(np.asarray(seq_ids, dtype=np.int64)):
+            k = int(np.searchsorted(starts, sid, side="right")) - 1
+            arrays = cache.shard_arrays(k, ["sequence_content", "sequence_length"])
+            content[j] = arrays["sequence_content"][sid - starts[k]].astype(bool)[: tokens.shape[1]]
+            lengths[j] = arrays["sequence_length"][sid - starts[k]]
+    return left_out(tokens, rules["excluded_token_ids"], rules["skip_sink_positions"], content, lengths)[0]
+
+
+def _left_out_line(counts: dict[str, int], n_tokens: int) -> str:
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items() if v)
+    return f"harvest: of {n_tokens:,} tokens read, left out: {shown or 'none'}"
 
 
 def harvest(
@@ -263,18 +328,23 @@ def harvest(
     p = plan(loaded, corpus, config)  # bad hookpoints fail here, before any work
     grad_hps = [h for h in p.hookpoints if h.name in config.gradients]
     ident = identity(loaded, corpus, config)
+    # in chat mode with template tokens kept, which positions are cached is decided by the role mask alone
+    keeps_template = corpus.mode == "chat" and corpus.template_tokens
+    excluded_ids = special_token_ids(loaded.tokenizer).tolist() if config.exclude_special_tokens and not keeps_template else []
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "identity": ident,
-        "model": {"name": loaded.name, **ident["model"], "n_layers": hp_mod.n_layers(model)},
+        "model": {"name": loaded.name, **ident["model"], "n_layers": _n_layers(model)},
         "corpus": {"fingerprint": ident["corpus"]["fingerprint"], "config": dataclasses.asdict(corpus)},
         "context_length": corpus.context_length,
         "hookpoints": {
             k: {"width": w, "dtype": config.dtype, "kind": "gradient" if k.endswith(GRAD_SUFFIX) else "activation"}
             for k, w in p.widths.items()
         },
-        "excluded_token_ids": special_token_ids(loaded.tokenizer).tolist() if config.exclude_special_tokens else [],
+        "excluded_token_ids": excluded_ids,
+        "position_rules": {"excluded_token_ids": excluded_ids, "skip_sink_positions": config.skip_sink_positions,
+                           "outlier_norm_factor": config.outlier_norm_factor},
         "sequences_per_shard": p.sequences_per_shard,
         "n_shards_planned": p.n_shards,
         "eval_shards": p.eval_shards,
@@ -310,8 +380,7 @@ def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestCo
             + (f"; resuming after shard {start_shard - 1}" if start_shard else "") + ")",
             file=sys.stderr,
         )
-    excluded = torch.from_numpy(np.asarray(manifest["excluded_token_ids"], dtype=np.int64))
-    seqs = packed_sequences(corpus, loaded.tokenizer, start=start_shard * p.sequences_per_shard)
+    seqs = sequences(corpus, loaded.tokenizer, start=start_shard * p.sequences_per_shard)
 
     from tqdm import tqdm
 
@@ -337,12 +406,16 @@ def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestCo
                     f"({have * p.context_length:,} tokens); delete {out} (its shards were laid out for the larger "
                     "harvest) and lower harvest.n_tokens to at most that"
                 )
-            arrays = _shard_rows(model, np.stack(tokens), seq_start, p, grad_hps, excluded, config, bar.update)
+            arrays, counts = _shard_rows(model, tokens, seq_start, p, grad_hps, config, manifest["position_rules"], bar.update)
             perm = np.random.default_rng([config.seed, k]).permutation(len(arrays["seq"]))  # seeded per shard
             arrays = {key: v[perm] for key, v in arrays.items()}
-            arrays["sequence_tokens"] = np.stack(tokens)
+            arrays["sequence_tokens"] = np.stack([s.tokens for s in tokens])
+            if corpus.mode == "chat":  # what the downstream loss needs to leave out the same positions
+                arrays["sequence_content"] = np.stack([s.content for s in tokens]).astype(np.uint8)
+                arrays["sequence_length"] = np.array([s.length for s in tokens], dtype=np.int32)
             info = {"rows": len(arrays["seq"]), "tokens": len(tokens) * p.context_length, "seq_start": seq_start,
-                    "seq_stop": seq_start + len(tokens), "split": "eval" if k in p.eval_shards else "train"}
+                    "seq_stop": seq_start + len(tokens), "split": "eval" if k in p.eval_shards else "train",
+                    "left_out": counts}
             if writing is not None:
                 writing.join()
             if failure:
@@ -358,4 +431,8 @@ def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestCo
         if writing is not None:  # never leave a shard write running past the lock (an error above, Ctrl-C)
             writing.join()
         bar.close()
+    shards = writer.manifest["shards"]
+    writer.manifest["left_out"] = {r: sum(s.get("left_out", {}).get(r, 0) for s in shards) for r in [*LEFT_OUT_RULES, "outliers"]}
+    if progress:
+        print(_left_out_line(writer.manifest["left_out"], writer.manifest["n_tokens"]), file=sys.stderr)
     return writer.finish()
