@@ -223,11 +223,14 @@ def evaluate_downstream(
     batch_size: int = 4,
     resume: bool = True,
     progress: Callable[[int], None] | None = None,
+    keep: np.ndarray | None = None,
 ) -> dict[str, DownstreamResult]:
     """Clean / spliced / ablated next-token CE and KL of every decomposer on `sequences` (n, T) token ids.
 
     Decomposers are given by name; their configs name the hookpoints (hookpoint_in, hookpoint_out). Returns
-    one DownstreamResult per name. `progress(n_sequences)` is called after each batch."""
+    one DownstreamResult per name. `progress(n_sequences)` is called after each batch. `keep` (n, T) bool: the
+    positions the cache kept (`harvest.kept_positions`: no padding, sink or other roles); by default the
+    positions whose token is not in `excluded_token_ids`."""
     if len(sequences) == 0:
         raise DownstreamError("no sequences to evaluate the downstream loss on (n_downstream_sequences is 0 or the eval split is empty)")
     seqs = torch.as_tensor(np.asarray(sequences), dtype=torch.long)
@@ -261,8 +264,11 @@ def evaluate_downstream(
 
     for start in range(0, len(seqs), batch_size):
         ids = seqs[start : start + batch_size]
-        keep = ~torch.isin(ids, excluded) if excluded.numel() else torch.ones_like(ids, dtype=torch.bool)
-        valid = keep[:, :-1]
+        if keep is not None:  # the cache's own rule (corpus.left_out): padding, other roles, the sink are left out too
+            keep_b = torch.as_tensor(np.asarray(keep[start : start + batch_size], dtype=bool))
+        else:
+            keep_b = ~torch.isin(ids, excluded) if excluded.numel() else torch.ones_like(ids, dtype=torch.bool)
+        valid = keep_b[:, :-1]
         with torch.no_grad():
             with resumer.recording(layers_needed) if resumer is not None else contextlib.nullcontext({}) as inputs:
                 logits = hpmod.run_forward(model, ids).logits
@@ -284,11 +290,11 @@ def evaluate_downstream(
 
             for o in outs:
                 layer = min((e.layer for e in entries if e.hp_out.name == o and e.layer is not None), default=None)
-                with zero_ablate(model, resolved[o], keep):
+                with zero_ablate(model, resolved[o], keep_b):
                     logp, ce = _next_token_ce(run(layer), ids)
                 ablated[o].add(ce, _kl(clean_logp, clean_p, logp), valid)
             for e in entries:
-                with splice(model, e.hp_in, e.hp_out, e.recon, keep):
+                with splice(model, e.hp_in, e.hp_out, e.recon, keep_b):
                     logp, ce = _next_token_ce(run(e.layer), ids)
                 e.sums.add(ce, _kl(clean_logp, clean_p, logp), valid)
         if progress is not None:

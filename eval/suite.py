@@ -111,13 +111,17 @@ def _as_float(a: np.ndarray) -> np.ndarray:
     return to_float32(a) if (a.dtype.kind == "f" or a.dtype.name == "bfloat16") else np.array(a)
 
 
-def downstream_sequences(cache: ActivationCache, n: int, context: int = 0) -> np.ndarray:
-    """(n, T) token ids of n held-out sequences spread evenly over the eval split (T = context or the cache's)."""
+def downstream_ids(cache: ActivationCache, n: int) -> np.ndarray:
+    """The ids of n held-out sequences spread evenly over the eval split."""
     ids = cache.eval_sequences()
     if len(ids) == 0:
         raise EvalError(f"the cache at {cache.path} has no held-out sequences for the downstream loss")
-    pick = ids[np.unique(np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int))]
-    tokens = cache.sequence_tokens(pick)
+    return ids[np.unique(np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int))]
+
+
+def downstream_sequences(cache: ActivationCache, n: int, context: int = 0) -> np.ndarray:
+    """(n, T) token ids of n held-out sequences spread evenly over the eval split (T = context or the cache's)."""
+    tokens = cache.sequence_tokens(downstream_ids(cache, n))
     return tokens[:, :context] if context else tokens
 
 
@@ -235,10 +239,13 @@ def _downstream(loaded, cache, todo, cfg, log, progress) -> tuple[dict[str, dict
 
     seqs = downstream_sequences(cache, cfg.n_downstream_sequences, cfg.downstream_context)
     excluded = cache.manifest.get("excluded_token_ids", [])
+    from dictlearn.activations.harvest import kept_positions  # the harvest's own rule: the same positions left out
+
+    keep = kept_positions(cache, downstream_ids(cache, cfg.n_downstream_sequences), seqs)
     t0 = time.perf_counter()
     bar = _bar(len(seqs), f"downstream loss ({len(seqs)} x {seqs.shape[1]} tokens, sequences)", progress)
     res = evaluate_downstream(loaded.model, seqs, todo, excluded_token_ids=excluded, batch_size=cfg.downstream_batch_size,
-                              progress=bar.update)
+                              progress=bar.update, keep=keep)
     bar.close()
     seconds = time.perf_counter() - t0
     for n, r in res.items():

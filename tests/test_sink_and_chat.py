@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ASSETS, CORPUS
+from conftest import ASSETS, SplitIdentity
 
 from dictlearn.activations.cache import ActivationCache, CacheError, to_float32
 from dictlearn.activations.corpus import CorpusConfig, chat_sequences, chat_tokens, left_out
+from dictlearn.activations.harvest import kept_positions
+from dictlearn.eval.downstream import evaluate_downstream
 
 CHAT = ASSETS / "chat-gsm8k-train.jsonl.gz"
 
@@ -46,6 +48,9 @@ def test_sink_rule_on_by_default_and_recorded(tiny_harvest, tmp_path):
     assert (pos == 0).sum() == n_seq  # the rows the rule leaves out, and nothing else
     assert off.manifest["left_out"]["sink"] == 0
     assert off.manifest["n_rows"] == m["n_rows"] + n_seq
+    ids = cache.eval_sequences()
+    keep = kept_positions(cache, ids, cache.sequence_tokens(ids))
+    assert not keep[:, 0].any() and kept_positions(off, ids, off.sequence_tokens(ids))[:, 0].all()
     with pytest.raises(CacheError, match="skip_sink_positions"):
         tiny_harvest(out=tmp_path / "on", skip_sink_positions=False)
 
@@ -98,6 +103,7 @@ def test_chat_harvest_from_the_cli_caches_only_assistant_tokens(smol, tmp_path, 
                "--set", "harvest.shard_mb=0.5", "--set", "harvest.eval_fraction=0.25"])
     assert rc in (0, None)
     cache = ActivationCache.open(out / "cache")
+    cache.verify()  # the role masks and lengths stored beside sequence_tokens are arrays the cache reads
     m = cache.manifest
     assert m["identity"]["corpus"]["mode"] == "chat" and m["identity"]["corpus"]["roles"] == ["assistant"]
     assert m["left_out"]["padding"] > 0 and m["left_out"]["other_roles"] > 0
@@ -112,6 +118,17 @@ def test_chat_harvest_from_the_cli_caches_only_assistant_tokens(smol, tmp_path, 
             assert a["pos"][rows].max() < a["sequence_length"][s - start]  # no padding row
             text = tok.decode(a["token_id"][rows][order])
             assert convs[s][1]["content"].startswith(text) and len(text) > 0
+    # the downstream loss leaves out exactly the positions the harvest left out (one rule: corpus.left_out)
+    ids = cache.eval_sequences()
+    keep = kept_positions(cache, ids, cache.sequence_tokens(ids))
+    k = next(i for i, sh in enumerate(cache.shards) if sh["split"] == "eval")
+    a = cache.shard_arrays(k, ["seq", "pos"])
+    cached = np.zeros_like(keep)
+    cached[a["seq"] - ids[0], a["pos"]] = True
+    assert (cached == keep).all()
+    res = evaluate_downstream(smol.model, cache.sequence_tokens(ids[:2]), {"id": SplitIdentity(576, "resid_post.10")},
+                              keep=keep[:2])["id"]
+    assert res.n_tokens == keep[:2, :-1].sum() and abs(res.ce_spliced - res.ce_clean) < 1e-3
     capsys.readouterr()
     # a different role selection is refused on the same folder, with a sentence naming the setting
     assert main(["configs/chat_gsm8k.toml", "--set", f"out_dir={out}", "--set", "harvest.n_tokens=3072",

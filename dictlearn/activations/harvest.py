@@ -411,7 +411,7 @@ def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestCo
             arrays = {key: v[perm] for key, v in arrays.items()}
             arrays["sequence_tokens"] = np.stack([s.tokens for s in tokens])
             if corpus.mode == "chat":  # what the downstream loss needs to leave out the same positions
-                arrays["sequence_content"] = np.stack([s.content for s in tokens]).astype(np.uint8)
+                arrays["sequence_content"] = np.stack([s.content for s in tokens]).astype(np.int16)  # a dtype the cache reads
                 arrays["sequence_length"] = np.array([s.length for s in tokens], dtype=np.int32)
             info = {"rows": len(arrays["seq"]), "tokens": len(tokens) * p.context_length, "seq_start": seq_start,
                     "seq_stop": seq_start + len(tokens), "split": "eval" if k in p.eval_shards else "train",
