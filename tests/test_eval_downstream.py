@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _eval_decomposers import AllZero, SplitIdentity
+from conftest import AllZero, SplitIdentity
 from dictlearn.decomposers.base import Decomposer, DecomposerConfig
 from dictlearn.eval.downstream import DownstreamError, ResumedForward, evaluate_downstream
 

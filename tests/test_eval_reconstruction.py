@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _eval_decomposers import AllZero, LinearReLU, SplitIdentity
+from conftest import AllZero, LinearReLU, SplitIdentity
 from dictlearn.eval.reconstruction import FREQ_BIN_EDGES, ReconstructionAccumulator, evaluate_reconstruction, mean_of
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from _eval_decomposers import SavedLinear, registered_saved_linear
+from conftest import SavedLinear, registered_saved_linear
 from dictlearn.eval.report import check_same_keys, markdown, pareto_front, write_report
 from dictlearn.eval.suite import downstream_sequences
 

@@ -21,7 +21,6 @@ class TinyConfig(base.DecomposerConfig):
     explode_at: int = 0  # > 0: the loss turns nan from this many completed steps on (for the stop test)
 
 
-@base.register
 class TinySAE(base.Decomposer):
     """A small ReLU SAE/transcoder: z = relu((x - b_pre) W_enc + b_enc), y_hat = z W_dec + b_dec."""
 
@@ -77,6 +76,14 @@ class TinySAE(base.Decomposer):
         self.b_pre[...] = self.b_pre[...] / scale_in
         self.W_dec[...] = self.W_dec[...] / scale_out
         self.b_dec[...] = self.b_dec[...] / scale_out
+
+
+@pytest.fixture(autouse=True)
+def tiny_kind():
+    """TinySAE is registered for each test and removed afterwards: no test leaves the global registry changed."""
+    base.REGISTRY[TinySAE.kind] = TinySAE
+    yield
+    base.REGISTRY.pop(TinySAE.kind, None)
 
 
 def planted(n_rows=4096, d=16, n_atoms=32, k=3, noise=0.01, norm=50.0, seed=0):

@@ -1,7 +1,7 @@
 """`dictlearn` command line: one module per subcommand, imported only when used (torch/jax load lazily).
 
 Each subcommand module `dictlearn/cli/<name>.py` exposes `main(argv: list[str]) -> int` and parses its own
-flags with tyro. Shared config handling lives in `dictlearn/cli/common.py`.
+flags with tyro. The run config and its rules live in `dictlearn/run.py`; `cli/common.py` turns fixable errors into one line.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
-"""What the subcommands share: reading a run config (dictlearn.run holds the rules) and turning the
+"""What the subcommands share (the run config and its rules live in dictlearn.run): turning the
 errors a user can fix into one line on stderr and exit code 1."""
 
 from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
-from dictlearn.run import SECTIONS, read_run_config  # noqa: F401 (the subcommands' import point)
-
-
-def out_dir(data: dict[str, Any], config_path: str | Path) -> Path:
-    """The run's output folder (default: runs/<config file stem>)."""
-    return Path(data.get("out_dir") or Path("runs") / Path(config_path).stem)
 
 
 def _error_classes(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:

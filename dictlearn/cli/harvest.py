@@ -1,6 +1,7 @@
 """`dictlearn harvest CONFIG.toml [--set key=value]...`
 
-Runs the `[model]` over the `[corpus]` and stores the `[harvest]` hookpoints in `<out_dir>/cache`.
+Runs the `[model]` over the `[corpus]` and stores the `[harvest]` hookpoints in the run's cache folder
+(`train.cache` when given, else `<out_dir>/cache`: the one rule every stage uses, `dictlearn.run.Run.cache_dir`).
 Prints the estimated size first and refuses when the disk lacks room; a progress bar shows tokens/s and
 the time left. Killed at any moment, the same command continues after the last complete shard; a cache
 made with a different config is refused.
@@ -42,13 +43,13 @@ def configs_from(data: dict, where: str):
 def run(args: HarvestArgs) -> Path:
     from dictlearn.activations.corpus import check_corpus, is_local
     from dictlearn.activations.harvest import harvest
-    from dictlearn.cli.common import out_dir, read_run_config
+    from dictlearn.run import Run
 
-    data = read_run_config(args.config, args.set)
-    model_cfg, corpus_cfg, harvest_cfg = configs_from(data, str(args.config))
+    run_ = Run.from_config(args.config, args.set)
+    model_cfg, corpus_cfg, harvest_cfg = configs_from(run_.data, str(args.config))
     if is_local(corpus_cfg.path):
         check_corpus(corpus_cfg)  # a bad corpus path, field or an empty corpus fails before the model loads
-    out = out_dir(data, args.config) / "cache"
+    out = run_.cache_dir
     cache = harvest(model_cfg.load(), corpus_cfg, harvest_cfg, out)
     print(cache.summary())
     return out
