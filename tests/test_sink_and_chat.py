@@ -134,3 +134,49 @@ def test_chat_harvest_from_the_cli_caches_only_assistant_tokens(smol, tmp_path, 
     assert main(["configs/chat_gsm8k.toml", "--set", f"out_dir={out}", "--set", "harvest.n_tokens=3072",
                  "--set", "harvest.shard_mb=0.5", "--set", "harvest.eval_fraction=0.25", "--set", 'corpus.roles=["user"]']) != 0
     assert "corpus.roles" in capsys.readouterr().err
+
+
+def test_module_path_hookpoints_harvest_on_a_model_of_unknown_family(tiny_loaded, tmp_path):
+    import torch
+    from types import SimpleNamespace
+
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig, harvest
+    from dictlearn.activations.models import LoadedModel
+
+    from conftest import CORPUS
+
+    class Unknown(torch.nn.Module):  # no decoder-layer list any family entry knows
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(49152, 8)
+            self.mix = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 49152)
+
+        def forward(self, input_ids, **kwargs):
+            return SimpleNamespace(logits=self.head(torch.relu(self.mix(self.embed(input_ids)))))
+
+    torch.manual_seed(0)
+    loaded = LoadedModel(model=Unknown().eval(), tokenizer=tiny_loaded.tokenizer, name="unknown", fingerprint="test:unknown")
+    cache = harvest(loaded, CorpusConfig(path=str(CORPUS), context_length=32),
+                    HarvestConfig(hookpoints=["mix"], n_tokens=256, dtype="float32", eval_fraction=0), tmp_path / "c",
+                    progress=False)
+    assert cache.manifest["model"]["n_layers"] is None
+    assert cache.hookpoints["mix"]["width"] == 8 and cache.n_rows == 256 - cache.manifest["n_tokens"] // 32 - cache.manifest["left_out"]["special_tokens"]
+
+
+def test_chat_settings_and_records_are_checked(smol):
+    from dictlearn.activations.corpus import CorpusError
+
+    with pytest.raises(ValueError, match="corpus.mode"):
+        CorpusConfig(path=str(CHAT), mode="dialogue")
+    with pytest.raises(ValueError, match="corpus.overflow"):
+        CorpusConfig(path=str(CHAT), mode="chat", overflow="wrap")
+    with pytest.raises(ValueError, match="roles"):
+        CorpusConfig(path=str(CHAT), mode="chat", roles=[])
+    assert CorpusConfig(path=str(CHAT), mode="chat").field == "messages" and CorpusConfig(path=str(CHAT)).field == "text"
+    with pytest.raises(CorpusError, match="role"):
+        chat_tokens(smol.tokenizer, [{"content": "no role"}], CorpusConfig(path=str(CHAT), mode="chat"))
+    with pytest.raises(CorpusError, match="not a list of messages"):  # a packed corpus read as chat
+        next(chat_sequences(CorpusConfig(path=str(ASSETS / "english-corpus.jsonl.gz"), mode="chat", field="text"),
+                            smol.tokenizer))
