@@ -24,11 +24,11 @@ class WandbConfig:
     """The `[wandb]` table."""
 
     mode: str = "offline"  # offline | online | disabled
-    project: str = "dictlearn"
-    entity: str | None = None
+    project: str = "dictlearn"  # wandb project
+    entity: str | None = None  # wandb entity (user or team)
     name: str | None = None  # run name (default: the out_dir's name)
-    group: str | None = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    group: str | None = None  # wandb run group
+    tags: list[str] = dataclasses.field(default_factory=list)  # wandb run tags
 
     def __post_init__(self) -> None:
         if self.mode not in WANDB_MODES:

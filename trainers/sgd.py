@@ -42,32 +42,32 @@ REMOVED_KEYS = {  # [train] keys that no longer exist -> what to do instead
 class TrainConfig:
     """The `[train]` table: shared by every decomposer trained in one pass."""
 
-    batch_size: int = 4096
+    batch_size: int = 4096  # rows per step (a multiple of the mesh's data axis)
     n_tokens: int = 0  # total training tokens; 0: use n_steps
     n_steps: int = 0  # optimiser steps; 0 and n_tokens 0: one epoch of the cache's train split
     lr: float = 2e-4  # a [[decomposers]] table may set its own `lr`
-    warmup_steps: int = 1000
+    warmup_steps: int = 1000  # linear learning-rate warm-up from 0
     decay: str = "linear"  # none | linear | cosine, over the last decay_fraction of the steps
-    decay_fraction: float = 0.2
-    final_lr_fraction: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
+    decay_fraction: float = 0.2  # final share of the steps over which lr decays linearly
+    final_lr_fraction: float = 0.0  # lr at the last step, as a fraction of lr
+    adam_b1: float = 0.9  # Adam first-moment decay
+    adam_b2: float = 0.999  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 0.0  # global-norm clipping; 0: off
     scale_inputs: bool = True  # train on activations scaled to unit mean squared norm
     sample_tokens: int = 65536  # rows drawn to estimate the scales and for init_from_data
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    log_every: int = 100  # steps between train_log.jsonl lines (and wandb points)
+    checkpoint_every: int = 1000  # steps between orbax checkpoints (a kill resumes from the last)
+    keep_checkpoints: int = 2  # checkpoints kept per decomposer
     seed: int = 0  # loader shuffling and the sample draw
-    progress: bool = True
+    progress: bool = True  # show a tqdm progress bar
     cache: str = ""  # activation cache folder; "": <out_dir>/cache
     mesh_data: int = 0  # devices on the batch axis; 0: all devices / mesh_model
     mesh_model: int = 1  # devices on the latent axis
     distributed: bool = False  # call jax.distributed.initialize (several processes or hosts)
     coordinator_address: str = ""  # "host:port"; "": let JAX detect the cluster
-    num_processes: int = 0
-    process_id: int = -1
+    num_processes: int = 0  # distributed: processes in the job (0: from the environment)
+    process_id: int = -1  # distributed: this process's index (-1: from the environment)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "log_every", "checkpoint_every", "sample_tokens"):

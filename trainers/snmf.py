@@ -54,7 +54,7 @@ class SNMFOptions:
     init_rows: int = 8192  # streaming: rows of the in-memory solve that starts F
     init_iters: int = 20  # streaming: iterations of that solve
     scale_inputs: bool = True  # solve on activations scaled to unit mean squared norm
-    progress: bool = True
+    progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:

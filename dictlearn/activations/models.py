@@ -42,11 +42,11 @@ class ModelConfig:
     """The `[model]` table of a run config (the arguments of `load_model`)."""
 
     name: str  # hub id, local folder, or .gguf file
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "float32"  # weights and activations in the forward: float32 | float16 | bfloat16
+    device: str = "cpu"  # torch device for the model: cpu, cuda, cuda:1, ...
     cache_dir: str | None = None  # where converted GGUF models are kept (default ~/.cache/dictlearn)
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = False  # run a hub model's own Python code (off unless you trust it)
+    revision: str | None = None  # hub revision (branch, tag or commit) of a hub model
 
     def load(self) -> "LoadedModel":
         return load_model(self.name, self.dtype, self.device, self.cache_dir, self.trust_remote_code, self.revision)

@@ -31,12 +31,12 @@ PARAMS_FILE = "params.safetensors"
 class DecomposerConfig:
     """Fields shared by every decomposer; subclasses add their own hyper-parameters."""
 
-    d_in: int
-    n_features: int
+    d_in: int  # width of hookpoint_in (filled in from the cache by `dictlearn train`)
+    n_features: int  # dictionary size (or give `expansion` in a [[decomposers]] table)
     d_out: int | None = None  # None: same as d_in (an SAE)
-    hookpoint_in: str = ""
+    hookpoint_in: str = ""  # where the dictionary reads (e.g. resid_post.10, mlp_in.10)
     hookpoint_out: str = ""  # "" : same as hookpoint_in
-    seed: int = 0
+    seed: int = 0  # initialisation seed
 
     def __post_init__(self) -> None:
         if self.d_out is None:

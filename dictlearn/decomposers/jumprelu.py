@@ -29,10 +29,10 @@ from dictlearn.decomposers.sae import Buffer, Codes, SparseCoder, SparseCoderCon
 class JumpReLUFields:
     """Hyper-parameters of JumpReLU (thresholds and bandwidth in training-scale units)."""
 
-    l0_coefficient: float = 1e-3
+    l0_coefficient: float = 1e-3  # weight of the (straight-through) L0 penalty
     l0_warmup_steps: int = 1000  # linear ramp of the L0 coefficient from 0 (0: no warm-up)
     bandwidth: float = 1e-3  # width of the rectangle kernel of the straight-through estimator
-    initial_threshold: float = 1e-3
+    initial_threshold: float = 1e-3  # every latent's threshold at the start
 
 
 def _rectangle(u: jax.Array) -> jax.Array:

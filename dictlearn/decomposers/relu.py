@@ -21,7 +21,7 @@ from dictlearn.decomposers.sae import Buffer, Codes, SparseCoder, SparseCoderCon
 class ReLUFields:
     """Hyper-parameters of the L1 penalty (in units of the training-scale activations)."""
 
-    l1_coefficient: float = 0.1
+    l1_coefficient: float = 0.1  # weight of the L1 penalty on codes times decoder-row norms
     l1_warmup_steps: int = 1000  # linear ramp of the coefficient from 0 (0: no warm-up)
 
 
