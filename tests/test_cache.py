@@ -50,7 +50,7 @@ def test_rows_equal_a_fresh_forward_and_skip_special_tokens(tiny_harvest, tiny_g
         tokens = cache.sequence_tokens([seq])
         with torch.no_grad(), H.capture(tiny_gpt2, hps) as acts:
             tiny_gpt2(torch.from_numpy(tokens).long())
-        keep = np.nonzero(~np.isin(tokens[0], list(excluded)))[0]
+        keep = np.nonzero(~np.isin(tokens[0], list(excluded)) & (np.arange(tokens.shape[1]) > 0))[0]  # sink left out
         for key in ("resid_post.1", "mlp_hidden.1"):
             pos, rows = _rows_of_sequence(cache, key, seq)
             assert np.array_equal(pos, keep)
@@ -61,7 +61,7 @@ def test_rows_equal_a_fresh_forward_and_skip_special_tokens(tiny_harvest, tiny_g
 
 
 def test_keeping_special_tokens_stores_every_position(tiny_harvest):
-    cache = tiny_harvest(exclude_special_tokens=False, n_tokens=1024)
+    cache = tiny_harvest(exclude_special_tokens=False, skip_sink_positions=False, n_tokens=1024)
     assert cache.n_rows == 1024 and cache.manifest["excluded_token_ids"] == []
 
 
