@@ -14,9 +14,12 @@ Usage:
   .venv/bin/python bench/matryoshka.py smollm2 [--layer 10] [--tokens 131072] [--expansion 4] [--k 32] [--steps 600]
 
 Measured 2026-12-03 on the shared 2-core machine (load 4 to 14, so absolute times are noisy; the kinds alternate):
-  throughput --sizes 576x4608 --rounds 2 --steps 3: BatchTopK median 3.96 s, Matryoshka (4 prefixes) 6.75 s:
-    1.70x (fastest steps 1.72x). Above the 1.3x target; what the extra time is and what would close it: the
-    closing notes of dictlearn/decomposers/matryoshka.py.
+  throughput --sizes 576x4608 --rounds 2 --steps 3 (load 1.5 to 4): BatchTopK median 1.88 s, Matryoshka (4
+    prefixes) 3.00 s: 1.60x (fastest steps 1.57x); under load 7 to 14 it read 1.70x.
+  throughput --sizes 768x16384 --rounds 2 --steps 2 --warmup 1: BatchTopK 1.45 s, Matryoshka 2.57 s: 1.77x
+    (fastest steps 2.04x).
+  Both above the 1.3x target; what the extra time is and what would close it: the module docstring of
+  dictlearn/decomposers/matryoshka.py.
   smollm2 --steps 500 (resid_post.10, 2304 latents, k 32, 117,505 train / 13,282 held-out tokens; CE on 4,055
   tokens, clean 3.514, zero-ablated 11.109):
     prefix | Matryoshka FVU  L0    CE   CE score | BatchTopK first-w FVU  L0    CE    CE score

@@ -16,7 +16,7 @@ Speed: the mechanisms' training forward runs as it is, on a view of the coder wh
 every prefix's reconstruction. For sparse codes each slot is decoded into its own prefix group (slots of
 latents >= width are masked, never a dense (B, n) array; `grouped_decode` gathers each decoder row once);
 dense codes (BatchTopK's rare exact fallback) decode by column blocks. Measured on CPU (bench/matryoshka.py),
-a step with 4 prefixes costs about 1.7x a BatchTopK step at 576 -> 4608, batch 4096, k 32. The rest is the
+a step with 4 prefixes costs 1.6x a BatchTopK step at 576 -> 4608 and 1.8x at 768 -> 16384 (batch 4096, k 32). The rest is the
 backward: each group's decoder-gradient scatter and slot dots run over all B x 4k candidate slots with the
 other groups' slots at weight zero, because the C++ kernels (scatter_rows, gather_dots) take one row per
 token; a scatter that skips zero weights, or a gather-dot taking a per-slot row selector, would make the
