@@ -13,7 +13,7 @@ Usage:
   .venv/bin/python bench/matryoshka.py throughput [--sizes 576x4608,768x16384] [--batch 4096] [--k 32]
   .venv/bin/python bench/matryoshka.py smollm2 [--layer 10] [--tokens 131072] [--expansion 4] [--k 32] [--steps 600]
 
-Measured 2026-12-03 on the shared 2-core machine (load 4 to 14, so absolute times are noisy; the kinds alternate):
+Measured 2026-12-03 on the shared 2-core machine (absolute times are noisy; the two kinds alternate):
   throughput --sizes 576x4608 --rounds 2 --steps 3 (load 1.5 to 4): BatchTopK median 1.88 s, Matryoshka (4
     prefixes) 3.00 s: 1.60x (fastest steps 1.57x); under load 7 to 14 it read 1.70x.
   throughput --sizes 768x16384 --rounds 2 --steps 2 --warmup 1: BatchTopK 1.45 s, Matryoshka 2.57 s: 1.77x
