@@ -4,6 +4,7 @@ both, a minimal training loop over the decomposer protocol, and constructed deco
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from dictlearn.decomposers import base
 from dictlearn.decomposers.base import REGISTRY, Decomposer, DecomposerConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -42,11 +44,9 @@ def smol(assets):
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    """A tiny randomly initialised GPT-2 (for fast hook-wiring tests), with the SmolLM2 tokenizer."""
+    """A tiny randomly initialised GPT-2 (for fast hook-wiring tests)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from dictlearn.activations.models import LoadedModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=128, vocab_size=49152)
@@ -259,3 +259,161 @@ def known_decomposers():
     import types
 
     return types.SimpleNamespace(SplitIdentity=SplitIdentity, AllZero=AllZero, LinearReLU=LinearReLU, SavedLinear=SavedLinear)
+
+
+# --- a minimal ReLU SAE kind for trainer, resume and run-stage tests (registered only while a test asks) ----
+@dataclasses.dataclass
+class TinyConfig(base.DecomposerConfig):
+    l1: float = 1e-3
+    explode_at: int = 0  # > 0: the loss turns nan from this many completed steps on (for the stop test)
+
+
+class TinySAE(base.Decomposer):
+    """A small ReLU SAE/transcoder: z = relu((x - b_pre) W_enc + b_enc), y_hat = z W_dec + b_dec."""
+
+    kind = "test_tiny_relu"
+    config_cls = TinyConfig
+
+    def __init__(self, config: TinyConfig, rngs: nnx.Rngs):
+        self.config = config
+        rng = np.random.default_rng(config.seed)  # numpy: no compile per shape, which keeps the tests quick
+        w = (rng.normal(size=(config.n_features, config.d_out)) / np.sqrt(config.d_out)).astype(np.float32)
+        w_in = (rng.normal(size=(config.d_in, config.n_features)) / np.sqrt(config.d_in)).astype(np.float32)
+        self.W_dec = nnx.Param(w)
+        self.W_enc = nnx.Param(w_in)
+        self.b_enc = nnx.Param(np.zeros(config.n_features, np.float32))
+        self.b_pre = nnx.Param(np.zeros(config.d_in, np.float32))
+        self.b_dec = nnx.Param(np.zeros(config.d_out, np.float32))
+        self.steps_done = nnx.Variable(np.zeros((), np.int32))
+        self.tokens_since_fired = nnx.Variable(np.zeros(config.n_features, np.int32))  # the decomposer counts dead latents
+
+    def encode(self, x):
+        return jax.nn.relu((x - self.b_pre[...]) @ self.W_enc[...] + self.b_enc[...])
+
+    def decode(self, codes):
+        return codes @ self.W_dec[...] + self.b_dec[...]
+
+    def loss(self, batch):
+        z = self.encode(batch["x"])
+        err = self.decode(z) - batch["y"]
+        mse = jnp.mean(jnp.sum(err**2, -1))
+        var = jnp.mean(jnp.sum((batch["y"] - batch["y"].mean(0)) ** 2, -1))
+        loss = mse + self.config.l1 * jnp.mean(jnp.sum(z * jnp.linalg.norm(self.W_dec[...], axis=1), -1))
+        if self.config.explode_at:
+            loss = jnp.where(self.steps_done[...] >= self.config.explode_at, jnp.nan, loss)
+        metrics = {"mse": mse, "fvu": mse / var, "l0": jnp.mean(jnp.sum(z > 0, -1)), "fired": jnp.any(z > 0, 0),
+                   "rows": jnp.asarray(z.shape[0], jnp.int32),
+                   "dead_frac": jnp.mean((self.tokens_since_fired[...] >= 256).astype(jnp.float32))}
+        return loss, metrics
+
+    def features(self):
+        return self.W_dec[...]
+
+    def init_from_data(self, x, y):
+        self.b_pre[...] = x.mean(0)
+        self.b_dec[...] = y.mean(0)
+
+    def after_step(self, metrics):
+        self.steps_done[...] += 1
+        since = self.tokens_since_fired[...]
+        self.tokens_since_fired[...] = jnp.where(metrics["fired"], 0, jnp.minimum(since + metrics["rows"], 1 << 30))
+
+    def fold_input_scale(self, scale_in, scale_out):
+        self.W_enc[...] = self.W_enc[...] * scale_in
+        self.b_pre[...] = self.b_pre[...] / scale_in
+        self.W_dec[...] = self.W_dec[...] / scale_out
+        self.b_dec[...] = self.b_dec[...] / scale_out
+
+
+def planted(n_rows=4096, d=16, n_atoms=32, k=3, noise=0.01, norm=50.0, seed=0):
+    """Rows that are k-sparse non-negative mixtures of a random unit dictionary, at a large norm."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(n_atoms, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    codes = np.zeros((n_rows, n_atoms))
+    for i in range(n_rows):
+        codes[i, rng.choice(n_atoms, k, replace=False)] = rng.uniform(0.5, 1.5, k)
+    x = codes @ atoms + noise * rng.normal(size=(n_rows, d))
+    return (norm * x).astype(np.float32)
+
+
+def spec(tmp_path, name="tiny", n_features=64, d_in=16, d_out=None, hp_in="act", hp_out="", **kw):
+    from dictlearn.trainers.sgd import DecomposerSpec
+
+    cfg = TinyConfig(d_in=d_in, n_features=n_features, d_out=d_out, hookpoint_in=hp_in, hookpoint_out=hp_out, **kw)
+    return DecomposerSpec(name=name, kind=TinySAE.kind, config=cfg, folder=tmp_path / "decomposers" / name)
+
+
+def train_cfg(**kw):
+    from dictlearn.trainers.sgd import TrainConfig
+
+    base_kw = dict(batch_size=64, n_steps=200, lr=3e-3, warmup_steps=10, log_every=20, checkpoint_every=100,
+                   sample_tokens=1024, progress=False)
+    return TrainConfig(**{**base_kw, **kw})
+
+
+def register_tiny_kind() -> None:
+    """Make TinySAE loadable by its kind (subprocesses of the CLI tests call this before dictlearn.cli.main)."""
+    REGISTRY[TinySAE.kind] = TinySAE
+
+
+@pytest.fixture
+def tiny_kind():
+    """TinySAE registered for one test and removed afterwards: no test leaves the global registry changed."""
+    register_tiny_kind()
+    yield TinySAE
+    REGISTRY.pop(TinySAE.kind, None)
+
+
+def write_cache(path: Path, arrays: dict[str, np.ndarray], n_shards: int = 4, context: int = 16) -> Path:
+    """A complete activation cache holding `arrays` (rows split evenly over shards; the last is eval)."""
+    from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, CacheWriter
+
+    n = len(next(iter(arrays.values())))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "identity": {"test": "planted"},
+        "model": {"name": "planted", "fingerprint": "0"}, "corpus": {"fingerprint": "0", "config": {"path": "-"}},
+        "context_length": context, "n_shards_planned": n_shards, "n_tokens": 0, "n_rows": 0,
+        "hookpoints": {k: {"width": int(v.shape[1]), "dtype": "float32"} for k, v in arrays.items()},
+    }
+    writer = CacheWriter.create_or_resume(path, manifest)
+    bounds = np.linspace(0, n, n_shards + 1).astype(int)
+    for i in range(n_shards):
+        lo, hi = bounds[i], bounds[i + 1]
+        rows = np.arange(lo, hi)
+        shard = {k: v[lo:hi] for k, v in arrays.items()}
+        shard.update(token_id=(rows % 1000).astype(np.int32), seq=(rows // context).astype(np.int32),
+                     pos=(rows % context).astype(np.int32),
+                     sequence_tokens=np.zeros((int(np.ceil((hi - lo) / context)), context), np.int32))
+        writer.add_shard(shard, {"rows": int(hi - lo), "tokens": int(hi - lo), "seq_start": int(lo // context),
+                                 "seq_stop": int(np.ceil(hi / context)), "split": "eval" if i == n_shards - 1 else "train"})
+    writer.finish()
+    return path
+
+
+CLI_CONFIG = """
+out_dir = "{out}"
+[train]
+batch_size = 64
+n_steps = 60
+lr = 3e-3
+warmup_steps = 5
+log_every = 20
+checkpoint_every = 30
+sample_tokens = 512
+progress = false
+[wandb]
+mode = "{wandb}"
+[[decomposers]]
+name = "tiny4x"
+kind = "test_tiny_relu"
+hookpoint_in = "act"
+expansion = 4
+[[decomposers]]
+name = "tiny32"
+kind = "test_tiny_relu"
+hookpoint_in = "act"
+n_features = 32
+lr = 1e-3
+l1 = 0.01
+"""

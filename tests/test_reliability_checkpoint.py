@@ -16,7 +16,9 @@ from safetensors.numpy import load_file
 from dictlearn.trainers.checkpoint import (
     CACHE_KEY, CheckpointMismatch, Checkpointer, check_signature, restore_newest, signature_differences,
 )
-from test_trainer import CLI_CONFIG, planted, write_cache
+from conftest import CLI_CONFIG, planted, write_cache
+
+pytestmark = pytest.mark.usefixtures("tiny_kind")  # the TinySAE kind from conftest, for this file's tests
 
 STEPS = 40
 ARGS = ["--set", f"train.n_steps={STEPS}", "--set", "train.checkpoint_every=10", "--set", "train.log_every=10"]

@@ -4,6 +4,8 @@ of an uninterrupted run (tolerance: bitwise equal, on this CPU)."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -14,13 +16,16 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from test_trainer import CLI_CONFIG, planted, write_cache
+from conftest import CLI_CONFIG, planted, write_cache
+
+pytestmark = pytest.mark.usefixtures("tiny_kind")  # the TinySAE kind from conftest, for this file's tests
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = f"""
 import sys
 sys.path.insert(0, {str(TESTS)!r})
-import test_trainer  # registers the test decomposer kind
+import conftest
+conftest.register_tiny_kind()  # the test decomposer kind, in this subprocess only
 from dictlearn.cli import main
 sys.exit(main(sys.argv[1:]))
 """

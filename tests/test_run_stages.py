@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from test_trainer import CLI_CONFIG, TinySAE, planted, spec, train_cfg, write_cache
+from conftest import CLI_CONFIG, TinySAE, planted, spec, train_cfg, write_cache
+
+pytestmark = pytest.mark.usefixtures("tiny_kind")  # the TinySAE kind from conftest, for this file's tests
 from dictlearn.decomposers import base
 
 TESTS = Path(__file__).resolve().parent
@@ -150,7 +151,7 @@ def test_a_second_concurrent_train_is_refused_naming_the_pid(tmp_path, capsys):
     cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=2048)})
     config, out = _config(tmp_path, "two", cache)
     args = ["--set", "train.n_steps=400", "--set", "train.log_every=20", "--set", "train.checkpoint_every=100"]
-    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_trainer; "
+    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; conftest.register_tiny_kind(); "
               "from dictlearn.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled"}
     first = subprocess.Popen([sys.executable, "-c", script, "train", str(config), *args], env=env,

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+pytestmark = pytest.mark.usefixtures("tiny_kind")  # the TinySAE kind from conftest, for this file's tests
+
 TESTS = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -25,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 import jax
 from jax.sharding import PartitionSpec as P
-import test_trainer as T
+import conftest as T
+T.register_tiny_kind()
 from dictlearn.trainers import sharding
 from dictlearn.trainers.data import ArraySource
 from dictlearn.trainers.logging import WandbConfig
@@ -89,7 +92,7 @@ def _free_port() -> int:
 @pytest.mark.slow  # three subprocesses: about a minute on two busy cores
 def test_two_processes_with_jax_distributed_match_one(tmp_path):
     """`dictlearn train` as two processes (gloo collectives on one machine) forming a 2-device data mesh."""
-    from test_trainer import CLI_CONFIG, planted, write_cache
+    from conftest import CLI_CONFIG, planted, write_cache
 
     cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=2048)})
 
@@ -99,7 +102,7 @@ def test_two_processes_with_jax_distributed_match_one(tmp_path):
         path.write_text(text)
         return path
 
-    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_trainer; "
+    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; conftest.register_tiny_kind(); "
               "from dictlearn.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled"}
     env.pop("XLA_FLAGS", None)
