@@ -104,7 +104,6 @@ def main() -> int:
     import jax
     import jax.numpy as jnp
 
-    from dictlearn.decomposers import snmf_solver as solver
     from dictlearn.trainers import snmf as trainer
 
     x = load_rows(args.data, args.key, args.rows)

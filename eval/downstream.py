@@ -26,7 +26,6 @@ logits on the first batch and replaced by full forwards, with a message, if it f
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 

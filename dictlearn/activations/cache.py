@@ -309,13 +309,14 @@ class ActivationCache:
                 raise CacheError(f"{info['file']}: corrupt: sha256 does not match the manifest")
 
     def summary(self) -> str:
+        """What `dictlearn cache info` prints: model, corpus, counts (with what each exclusion rule left out), shards."""
         m = self.manifest
         lines = [
             f"cache      {self.path}" + ("" if self.complete else "  (UNFINISHED)"),
             f"model      {m['model']['name']}  [{m['model']['fingerprint']}]",
             f"corpus     {m['corpus']['config']['path']}  [{m['corpus']['fingerprint']}]",
             f"context    {self.context_length} tokens; {m['n_tokens']:,} tokens read, {self.n_rows:,} rows stored"
-            + (f" (special tokens left out)" if m.get("excluded_token_ids") else ""),
+            + _left_out_note(m),
             f"shards     {len(self.shards)} ({len(self.shard_ids('train'))} train / {len(self.shard_ids('eval'))} eval), "
             f"{self.rows('train'):,} / {self.rows('eval'):,} rows, {sum(s['bytes'] for s in self.shards) / 1e6:,.1f} MB",
             "hookpoints",
@@ -401,3 +402,11 @@ class CacheWriter:
         self.manifest["complete"] = True
         atomic_write_json(self.path / MANIFEST, self.manifest)
         return ActivationCache(self.path, self.manifest)
+
+
+def _left_out_note(manifest: dict) -> str:
+    """' (left out: 262 sink, 78 special)': the harvest's per-rule counts, when it recorded them."""
+    counts = {rule: n for rule, n in (manifest.get("left_out") or {}).items() if n}
+    if counts:
+        return " (left out: " + ", ".join(f"{n:,} {rule}" for rule, n in counts.items()) + ")"
+    return " (special tokens left out)" if manifest.get("excluded_token_ids") else ""

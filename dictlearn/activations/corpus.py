@@ -213,7 +213,7 @@ def packed_sequences(config: CorpusConfig, tokenizer, start: int = 0, doc_batch:
     index = 0
 
     def flush() -> Iterator[np.ndarray]:
-        nonlocal buf, index
+        nonlocal index
         n = len(buf) // body
         for k in range(n):
             if index >= start:
