@@ -7,6 +7,8 @@ is a set of complete checkpoints: rerunning the same command after freeing space
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from pathlib import Path
 
 MARKERS = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
@@ -31,10 +33,18 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def folder_bytes(folder: Path) -> int:
     """Bytes of the regular files under `folder` (what this run has written there)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    total = 0
+    # Checkpoint writers may still be renaming or removing their temporary folders: whatever vanishes
+    # during the walk is simply not counted.
+    for root, _, files in os.walk(folder, onerror=lambda e: None):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 def _size(n: int) -> str:
