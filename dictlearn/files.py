@@ -74,6 +74,11 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def human_size(n: float) -> str:
+    """A byte count for people: MB below a gigabyte (a 4.6 MB cache is not "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 class LockedError(RuntimeError):
     """Another live process holds the folder."""
 

@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+from dictlearn.files import human_size
+
 MARKERS = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
 
 
@@ -47,12 +49,9 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
-
 
 def disk_full(folder: Path, what: str, resumes_from: str) -> DiskFull:
     """The error to raise: the folder, what was written there, and that rerunning after freeing space resumes."""
-    return DiskFull(f"the disk holding {folder} is full: {what} failed after {_size(folder_bytes(folder))} had been "
+    return DiskFull(f"the disk holding {folder} is full: {what} failed after {human_size(folder_bytes(folder))} had been "
                     f"written under {folder}. Free some space on that disk and run the same command again: it "
                     f"resumes {resumes_from}")

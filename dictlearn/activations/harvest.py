@@ -41,7 +41,7 @@ from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, MANIFEST, STORAG
 from dictlearn.activations.corpus import (LEFT_OUT_RULES, CorpusConfig, Sequence, check_corpus, fingerprint as corpus_fingerprint,
                                           left_out, sequences, special_token_ids)
 from dictlearn.activations.models import LoadedModel
-from dictlearn.files import FolderLock
+from dictlearn.files import FolderLock, human_size
 
 _TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GRAD_SUFFIX = "@grad"
@@ -142,10 +142,6 @@ DISK_MARGIN_FRACTION = 0.02  # on top of the estimate: safetensors headers, the 
 DISK_MARGIN_BYTES = 16 << 20
 
 
-def _size(n: float) -> str:
-    """A byte count for people: MB below a gigabyte (a 4.6 MB cache is not "0.00 GB")."""
-    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
-
 
 def _check_disk(out: Path, needed: int, config: HarvestConfig, resuming: bool) -> None:
     """Refuse before any work when the disk holding `out` lacks `needed` bytes plus a stated margin."""
@@ -162,9 +158,9 @@ def _check_disk(out: Path, needed: int, config: HarvestConfig, resuming: bool) -
                            + (['store harvest.dtype = "bfloat16"'] if config.dtype == "float32" else [])
                            + ["or choose another out_dir"])
     raise HarvestError(
-        f"the cache {'still needs' if resuming else 'needs'} about {_size(needed)} plus a safety margin of {_size(margin)} "
+        f"the cache {'still needs' if resuming else 'needs'} about {human_size(needed)} plus a safety margin of {human_size(margin)} "
         f"({DISK_MARGIN_FRACTION:.0%} + {DISK_MARGIN_BYTES >> 20} MiB for headers, the manifest and file-system "
-        f"overhead) but {probe} has only {_size(free)} free; {advice}"
+        f"overhead) but {probe} has only {human_size(free)} free; {advice}"
     )
 
 
@@ -176,7 +172,7 @@ def _disk_full_error(out: Path, e: OSError) -> HarvestError:
     except CacheError:
         shards, planned = [], None
     written = (f"{len(shards)} of {planned} shards ({sum(s['rows'] for s in shards):,} rows, "
-               f"{_size(sum(s['bytes'] for s in shards))}) are safely written" if shards else "no shard was written yet")
+               f"{human_size(sum(s['bytes'] for s in shards))}) are safely written" if shards else "no shard was written yet")
     resume = f"it resumes after shard {len(shards) - 1}" if shards else "it starts the cache again"
     return HarvestError(
         f"the disk holding {out} is full ({e.strerror or e}): {written}; free some space and run the same command "
@@ -376,7 +372,7 @@ def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestCo
     if progress:
         print(
             f"harvest: {len(p.widths)} arrays x {p.n_sequences * p.context_length:,} tokens -> {out} "
-            f"(about {_size(p.estimated_bytes)} in {p.n_shards} shards"
+            f"(about {human_size(p.estimated_bytes)} in {p.n_shards} shards"
             + (f"; resuming after shard {start_shard - 1}" if start_shard else "") + ")",
             file=sys.stderr,
         )
