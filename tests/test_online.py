@@ -1,0 +1,141 @@
+"""Online training (train.source = "model"): the model computes the train split as training runs.
+
+The strongest check: batch b of the online source equals batch b of the loader over a cache harvested with the
+same config, row for row, at every start batch (so resuming is exact); the rest follow from it or check the
+wiring (a SIGKILLed `dictlearn train` resumes to the parameters of an uninterrupted run, which equal those of a
+run on the cache), the memory bound, the held-out cache, and the SmolLM2 quickstart config."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS
+
+KEYS = ["resid_post.1", "mlp_hidden.1", "token_id", "seq", "pos"]
+HARVEST = dict(hookpoints=["resid_post.1", "mlp_hidden.1"], n_tokens=4096, batch_size=4, shard_mb=0.25,
+               eval_fraction=0.25, dtype="bfloat16")
+
+
+def _configs(context_length=64, **overrides):
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig
+
+    return CorpusConfig(path=str(CORPUS), context_length=context_length), HarvestConfig(**{**HARVEST, **overrides})
+
+
+def _take(it, n):
+    try:
+        return list(itertools.islice(it, n))
+    finally:
+        it.close()
+
+
+def _equal(a: dict, b: dict, keys) -> bool:
+    return all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def online_pair(tiny_loaded, tmp_path_factory):
+    """(OnlinePlan, the cache harvested with the same config) on the tiny GPT-2."""
+    from dictlearn.activations.harvest import harvest
+    from dictlearn.activations.online import OnlinePlan
+
+    corpus, config = _configs()
+    cache = harvest(tiny_loaded, corpus, config, tmp_path_factory.mktemp("online") / "cache", progress=False)
+    return OnlinePlan(tiny_loaded, corpus, config), cache
+
+
+def test_online_batches_equal_cache_batches_row_for_row(online_pair):
+    from dictlearn.activations.online import ModelSource
+    from dictlearn.trainers.data import CacheSource
+
+    online, cache = online_pair
+    assert online.shard_rows == [s["rows"] for s in cache.shards]  # the token count predicts the model pass's rows
+    assert online.plan.eval_shards == cache.shard_ids("eval")
+    source, reference = ModelSource(online, KEYS, 100, seed=3, mix_shards=2), CacheSource(cache, KEYS, 100, seed=3)
+    reference.loader.mix_shards = 2
+    per_epoch = source.rows() // 100
+    assert source.rows() == reference.rows() and per_epoch >= 10
+    n = per_epoch + 5  # across an epoch seam (the next epoch is shuffled afresh and computed again)
+    got, want = _take(source.iterate(0), n), _take(reference.iterate(0), n)
+    for b, (x, y) in enumerate(zip(got, want)):
+        assert _equal(x, y, KEYS), f"batch {b} differs"
+    for start in (1, per_epoch - 1, per_epoch + 2):  # resuming anywhere yields the uninterrupted batches
+        assert all(_equal(x, want[start + i], KEYS) for i, x in enumerate(_take(source.iterate(start), 3)))
+    assert _equal(source.batch(7), want[7], KEYS)
+    default = ModelSource(online, KEYS, 100, seed=3)  # the loader's default window, as CacheSource uses
+    assert _equal(default.sample(300), reference.sample(300), KEYS)  # the init/scale draw too
+    view = default.view(["mlp_hidden.1"], 50)  # fewer keys: the forward captures only what they need
+    first = _take(view.iterate(0), 1)[0]
+    assert list(first) == ["mlp_hidden.1"]
+    assert _equal(first, _take(CacheSource(cache, ["mlp_hidden.1"], 50, seed=3).iterate(0), 1)[0], ["mlp_hidden.1"])
+
+
+def test_online_gradients_equal_cache_gradients(tiny_loaded, tmp_path):
+    from dictlearn.activations.harvest import harvest
+    from dictlearn.activations.loader import BatchLoader
+    from dictlearn.activations.online import ModelSource, OnlinePlan
+
+    corpus, config = _configs(hookpoints=["resid_post.1"], gradients=["resid_post.1"], n_tokens=1024, dtype="float32")
+    cache = harvest(tiny_loaded, corpus, config, tmp_path / "cache", progress=False)
+    keys = ["resid_post.1", "resid_post.1@grad", "seq"]
+    source = ModelSource(OnlinePlan(tiny_loaded, corpus, config), keys, 64, seed=1)
+    loader = BatchLoader(cache, keys, 64, seed=1)
+    got = _take(source.iterate(0), 4)
+    assert all(_equal(x, loader.batch(b), keys) for b, x in enumerate(got))
+    assert np.abs(got[0]["resid_post.1@grad"]).sum() > 0
+
+
+def test_buffer_never_exceeds_its_bound_and_timings_are_reported(online_pair):
+    from dictlearn.activations.online import ModelSource
+
+    online, _ = online_pair
+    source = ModelSource(online, KEYS, 50, seed=0, mix_shards=2, prefetch=1)
+    it = source.iterate(0)
+    try:
+        for b, _batch in enumerate(it):
+            if b < 5:
+                time.sleep(0.05)  # a slow trainer: the model fills the buffer and must wait
+            if b == 3 * (source.rows() // 50):  # three epochs: every window computed three times
+                break
+    finally:
+        it.close()
+    bound = source.held_rows_bound()
+    assert 0 < source.max_held_rows <= bound == 3 * max(online.shard_rows)
+    assert source.max_held_rows > 2 * min(online.shard_rows)  # it did run a window ahead (the bound is what stops it)
+    stats = source.stats()
+    assert set(stats) == {"data_wait_frac", "model_wait_frac", "model_busy_frac", "model_tokens_per_s"}
+    assert all(0 <= stats[k] <= 1.0 for k in ("data_wait_frac", "model_wait_frac", "model_busy_frac"))
+    assert stats["model_wait_frac"] > 0 and stats["model_tokens_per_s"] > 0
+
+
+def test_held_out_cache_holds_the_eval_split(online_pair, tmp_path):
+    from dictlearn.activations.cache import ActivationCache
+    from dictlearn.activations.online import is_held_out_only, write_held_out
+
+    online, cache = online_pair
+    held = write_held_out(online, tmp_path / "held", progress=False)
+    held.verify()
+    assert is_held_out_only(held) and not is_held_out_only(cache)
+    assert held.shard_ids("train") == [] and held.rows("eval") == cache.rows("eval")
+    S = online.plan.sequences_per_shard
+    for j, k in enumerate(cache.shard_ids("eval")):
+        a = held.shard_arrays(j, KEYS + ["sequence_tokens"])
+        b = cache.shard_arrays(k, KEYS + ["sequence_tokens"])
+        for key in ("resid_post.1", "mlp_hidden.1", "token_id", "pos", "sequence_tokens"):
+            assert np.array_equal(a[key], b[key]), key
+        assert np.array_equal(a["seq"], b["seq"] - k * S + j * S)  # sequence ids renumbered, rows in harvest order
+    assert np.array_equal(held.sequence_tokens(held.eval_sequences()), cache.sequence_tokens(cache.eval_sequences()))
+    assert write_held_out(online, tmp_path / "held", progress=False).manifest == ActivationCache.open(tmp_path / "held").manifest
+
+
+def test_outlier_filter_is_refused_online(tiny_loaded):
+    from dictlearn.activations.online import OnlineError, OnlinePlan
+
+    corpus, config = _configs(outlier_norm_factor=8.0)
+    with pytest.raises(OnlineError, match="outlier_norm_factor = 8.0: online training cannot count"):
+        OnlinePlan(tiny_loaded, corpus, config)
