@@ -409,6 +409,22 @@ def hookpoint_from_tl(hook_name: str) -> str | None:
     return f"{alias}.{m.group(1)}" if alias else None
 
 
+# --- circuit-tracer hook names -----------------------------------------------------------------------------------
+# circuit-tracer's config.yaml names where transcoders read and write by TransformerLens hook names relative to a
+# block (`feature_input_hook`, `feature_output_hook`). It loads models with fold_ln=False, so TL's
+# `ln2.hook_normalized` is the RMSNorm's output *before* its gain, not the MLP's input; the MLP's input is the
+# `mlp.hook_in` of its wrapped MLP, and `mlp.hook_out` is the MLP module's own output. `hook_mlp_out` is what the
+# block adds to the residual stream (after a post-norm). In families without an MLP post-norm the two outputs are one
+# tensor, named `mlp.hook_out` there as circuit-tracer's published Llama and Qwen3 sets do (its nnsight Qwen3 map
+# knows no `hook_mlp_out`); without a family, `hook_mlp_out`, which every family has on its TransformerLens backend.
+def circuit_tracer_hook(alias: str, family: Family | None = None) -> str | None:
+    """circuit-tracer's hook name (relative to block L) for a dictlearn alias stem, or None if it has none."""
+    no_post_norm = family is not None and family.mlp_post_norm is None
+    names = {"mlp_in": "mlp.hook_in", "mlp_out_pre_norm": "mlp.hook_out",
+             "mlp_out": "mlp.hook_out" if no_post_norm else "hook_mlp_out"}
+    return names.get(alias)
+
+
 # --- the documentation table -------------------------------------------------------------------------------------
 def family_table_markdown() -> str:
     """docs/families.md: for each family, the module behind each alias (block L's modules relative to the block)."""

@@ -3,9 +3,11 @@
 `dictlearn export --import-sparsify DIR --out DIR [--hookpoint-prefix model.] [--hookpoint H] [--hookpoint-out H]`
 
 Export: every decomposer saved under `<out_dir>/decomposers/<name>/` is written to `<out_dir>/export/<name>/`
-as a SAELens folder (where SAELens has the architecture), semi-NMF's own files, and `features.safetensors`
-(steering vectors for `dictlearn steer`). Options come from the config's `[export]` table
-(dictlearn.export.ExportConfig). A folder already exported from the same weights is skipped unless --force.
+as a SAELens folder (where SAELens has the architecture), semi-NMF's own files, circuit-tracer's CLT layout
+(cross-layer transcoders) and `features.safetensors` (steering vectors for `dictlearn steer`); per-layer
+transcoders are also collected into circuit-tracer transcoder sets, `<out_dir>/export/circuit-tracer-<in>-<out>-
+<width>[-skip]/`. Options come from the config's `[export]` table (dictlearn.export.ExportConfig). A folder
+already exported from the same weights is skipped unless --force.
 
 Import: a SAELens folder, or a sparsify folder (one dictionary, or one subfolder per hookpoint), becomes a
 dictlearn native folder (config.json + params.safetensors) at --out, which `dictlearn eval` scores when it
@@ -75,6 +77,42 @@ def export_stage(run, only: list[str] | None = None, force: bool = False, log=pr
         skipped = "".join(f"; skipped {fmt}: {why}" for fmt, why in summary["skipped"].items())
         log(f"export: {name} ({module.kind}) -> {dest}: {', '.join(summary['files'])}{skipped}")
         written[name] = dest
+    if cfg.circuit_tracer:
+        written.update(circuit_tracer_stage(run, names, cfg.circuit_tracer_layers, options, force, log))
+    return written
+
+
+def circuit_tracer_stage(run, names: list[str], n_layers: int, options: dict, force: bool = False, log=print
+                         ) -> dict[str, Path]:
+    """The run's per-layer transcoders, grouped into circuit-tracer transcoder sets (one per hooks, width and
+    skip path), each written to `<out_dir>/export/<set name>/` unless up to date. Returns set name -> folder."""
+    from dictlearn.cli.evaluate import load_saved
+    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
+    from dictlearn.export.circuit_tracer import CONFIG_FILE as CT_CONFIG, plan_transcoder_sets, write_transcoder_set
+    from dictlearn.run import mark_done, up_to_date
+
+    modules = load_saved(run, names)
+    plans, skipped = plan_transcoder_sets(modules)
+    for what, why in skipped.items():
+        log(f"export: circuit-tracer: left out {what}: {why}")
+    written = {}
+    for plan in plans:
+        dest = run.export_dir(plan.name)
+        members = {n: modules[n] for n in plan.members.values()}
+        inputs = {f"{n}.{key}": run.decomposer_dir(n) / f for n in members
+                  for key, f in (("config", CONFIG_FILE), ("params", PARAMS_FILE))}
+        if not force and up_to_date(dest, inputs, options):
+            log(f"export: {plan.name}: up to date in {dest} (--force exports again)")
+            continue
+        model_name, fingerprint = options.get("model"), options.get("model_fingerprint")
+        summary = write_transcoder_set(members, dest, n_layers, metadata={"model_name": model_name,
+                                                                          "model_fingerprint": fingerprint})
+        mark_done(dest, inputs, options, summary["files"])
+        padded = summary["dictlearn_padded_layers"]
+        log(f"export: {plan.name} (circuit-tracer transcoder set, layers "
+            f"{', '.join(f'{k}: {v}' for k, v in summary['dictlearn_layers'].items())}"
+            f"{f'; {len(padded)} never-firing padding layer(s)' if padded else ''}) -> {dest}")
+        written[plan.name] = dest
     return written
 
 
@@ -109,6 +147,7 @@ def import_run(args: ExportArgs) -> int:
 ERRORS = ("dictlearn.cli.export:ExportError", "dictlearn.config:ConfigError",
           "dictlearn.export.saelens:SaeLensFormatError", "dictlearn.export.sparsify:SparsifyFormatError",
           "dictlearn.export.snmf_format:SnmfFormatError", "dictlearn.export.features:FeaturesError",
+          "dictlearn.export.circuit_tracer:CircuitTracerFormatError",
           "dictlearn.activations.cache:CacheError", "dictlearn.activations.families:HookpointError", "builtins:FileNotFoundError")
 
 
