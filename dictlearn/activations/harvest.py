@@ -17,6 +17,12 @@ Positions left out (`corpus.left_out`): padding and other roles' tokens (chat mo
 default the attention-sink position 0 (on the quickstart cache those rows were 0.8% of the rows but carried
 5.3% of the squared norm of mlp_hidden.10); optionally rows whose norm exceeds `outlier_norm_factor` times the
 shard's median norm. The manifest's `left_out` counts the tokens each rule left out.
+
+Several processes (`process=(i, n)`, from `dictlearn.activations.processes.process_slot`) share one harvest:
+process i writes the contiguous global shards `shard_range(n_shards, i, n)` as an ordinary, separately
+resumable cache in `<out>/parts/<i>-of-<n>` (its manifest's `part` record names the range; its
+`n_shards_planned` counts its own shards), and `dictlearn.activations.merge` joins the parts into `<out>`.
+Shard k's sequences, shuffle and split depend on k alone, so the merged cache equals a one-process harvest.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, MANIFEST, STORAG
 from dictlearn.activations.corpus import (LEFT_OUT_RULES, CorpusConfig, Sequence, check_corpus, fingerprint as corpus_fingerprint,
                                           left_out, sequences, special_token_ids)
 from dictlearn.activations.models import LoadedModel
+from dictlearn.activations.processes import check_part_count, part_dir, shard_range
 from dictlearn.files import FolderLock, human_size
 
 _TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -316,10 +323,15 @@ def harvest(
     config: HarvestConfig,
     out: str | Path,
     progress: bool = True,
+    process: tuple[int, int] = (0, 1),
 ) -> ActivationCache:
     """Harvest (or finish harvesting) the cache at `out`; returns it opened. Refuses an existing cache
-    made with a different model, corpus or harvest config."""
+    made with a different model, corpus or harvest config.
+
+    With `process=(i, n)`, n > 1: harvest (or finish) only process i's share, into `<out>/parts/<i>-of-<n>`,
+    and return that part; when `<out>` already holds the merged cache of the same config, return it."""
     out = Path(out)
+    index, count = process
     model = loaded.model
     p = plan(loaded, corpus, config)  # bad hookpoints fail here, before any work
     grad_hps = [h for h in p.hookpoints if h.name in config.gradients]
@@ -347,40 +359,69 @@ def harvest(
         "n_tokens": 0,
         "n_rows": 0,
     }
-    if not (out / MANIFEST).is_file():  # checks that must not leave a folder (or a lock file) behind when they fail
-        CacheWriter.check_new_folder(out)
+    shards, target = range(p.n_shards), out
+    if count > 1:
+        merged = _merged_already(out, manifest)
+        if merged is not None:
+            return merged
+        check_part_count(out, count)
+        shards, target = shard_range(p.n_shards, index, count), part_dir(out, index, count)
+        manifest.update(n_shards_planned=len(shards), part={
+            "index": index, "count": count, "first_shard": shards.start, "stop_shard": shards.stop,
+            "n_shards_total": p.n_shards})
+    elif not (out / MANIFEST).is_file():
+        check_part_count(out, 1)
+    if not (target / MANIFEST).is_file():  # checks that must not leave a folder (or a lock file) behind when they fail
+        CacheWriter.check_new_folder(target)
         check_corpus(corpus)
-        _check_disk(out, p.estimated_bytes, config, resuming=False)
+        _check_disk(target, p.estimated_bytes * len(shards) // p.n_shards, config, resuming=False)
     try:
-        with FolderLock(out, "an activation harvest"):  # a second harvest into `out` refuses, naming this pid
-            return _harvest_locked(loaded, corpus, config, out, p, grad_hps, manifest, progress)
+        with FolderLock(target, "an activation harvest"):  # a second harvest into `target` refuses, naming this pid
+            return _harvest_locked(loaded, corpus, config, target, p, grad_hps, manifest, progress, shards)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full_error(out, e) from None
+            raise _disk_full_error(target, e) from None
         raise
 
 
+def _merged_already(out: Path, manifest: dict) -> ActivationCache | None:
+    """The finished cache at `out` when a part harvest finds its parts already merged there (None when there is
+    none yet); a cache of another config, or an unfinished one-process harvest there, is refused."""
+    if not (out / MANIFEST).is_file():
+        return None
+    writer = CacheWriter.create_or_resume(out, manifest)  # refuses another config, naming what differs
+    if not writer.manifest.get("complete"):
+        raise HarvestError(f"{out} holds an unfinished one-process harvest; finish it without --process-count "
+                           "(or delete the folder to start a multi-process harvest)")
+    return ActivationCache(out, writer.manifest)
+
+
 def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestConfig, out: Path, p: Plan,
-                    grad_hps: list, manifest: dict, progress: bool) -> ActivationCache:
+                    grad_hps: list, manifest: dict, progress: bool, shards: range) -> ActivationCache:
+    """Write the global shards `shards` (all of them, or one process's share) into `out`, after those done."""
     model = loaded.model
     writer = CacheWriter.create_or_resume(out, manifest)
     if writer.manifest.get("complete"):
         return ActivationCache(out, writer.manifest)
-    start_shard = writer.n_done
-    if start_shard:
-        _check_disk(out, p.estimated_bytes * (p.n_shards - start_shard) // p.n_shards, config, resuming=True)
+    start_shard = shards.start + writer.n_done
+    if writer.n_done:
+        _check_disk(out, p.estimated_bytes * (shards.stop - start_shard) // p.n_shards, config, resuming=True)
+    first_seq = shards.start * p.sequences_per_shard
+    n_seq = min(shards.stop * p.sequences_per_shard, p.n_sequences) - first_seq
     if progress:
+        share = (f"process {manifest['part']['index']} of {manifest['part']['count']}: shards {shards.start}-"
+                 f"{shards.stop - 1} of {p.n_shards}, " if "part" in manifest else "")
         print(
-            f"harvest: {len(p.widths)} arrays x {p.n_sequences * p.context_length:,} tokens -> {out} "
-            f"(about {human_size(p.estimated_bytes)} in {p.n_shards} shards"
-            + (f"; resuming after shard {start_shard - 1}" if start_shard else "") + ")",
+            f"harvest: {share}{len(p.widths)} arrays x {n_seq * p.context_length:,} tokens -> {out} "
+            f"(about {human_size(p.estimated_bytes * len(shards) // p.n_shards)} in {len(shards)} shards"
+            + (f"; resuming after shard {start_shard - 1}" if writer.n_done else "") + ")",
             file=sys.stderr,
         )
     seqs = sequences(corpus, loaded.tokenizer, start=start_shard * p.sequences_per_shard)
 
     from tqdm import tqdm
 
-    bar = tqdm(total=p.n_sequences * p.context_length, initial=start_shard * p.sequences_per_shard * p.context_length,
+    bar = tqdm(total=n_seq * p.context_length, initial=(start_shard * p.sequences_per_shard - first_seq) * p.context_length,
                unit="tok", unit_scale=True, disable=not progress, desc="harvest", dynamic_ncols=True)
     writing: threading.Thread | None = None
     failure: list[BaseException] = []
@@ -392,7 +433,7 @@ def _harvest_locked(loaded: LoadedModel, corpus: CorpusConfig, config: HarvestCo
             failure.append(e)
 
     try:
-        for k in range(start_shard, p.n_shards):
+        for k in range(start_shard, shards.stop):
             seq_start = k * p.sequences_per_shard
             tokens = list(itertools.islice(seqs, min(p.sequences_per_shard, p.n_sequences - seq_start)))
             if seq_start + len(tokens) < min(seq_start + p.sequences_per_shard, p.n_sequences):

@@ -5,6 +5,12 @@ Runs the `[model]` over the `[corpus]` and stores the `[harvest]` hookpoints in 
 Prints the estimated size first and refuses when the disk lacks room; a progress bar shows tokens/s and
 the time left. Killed at any moment, the same command continues after the last complete shard; a cache
 made with a different config is refused.
+
+Several processes (`--process-index I --process-count N`, or the launcher's SLURM_PROCID/SLURM_NTASKS,
+RANK/WORLD_SIZE or DICTLEARN_PROCESS_INDEX/COUNT) each harvest their share of the shards into
+`<cache>/parts/I-of-N/`; the first process to see every part complete merges them into the cache. By default
+each process then waits until the cache is merged (so `dictlearn run` trains on it next); with `--no-wait`
+it exits when its part is done.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ class HarvestArgs:
     """the run config (TOML)"""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """config override key.path=value, e.g. --set harvest.n_tokens=200000"""
+    process_index: int | None = None
+    """this process's number, 0..N-1 (default: DICTLEARN_PROCESS_INDEX, SLURM_PROCID or RANK, else 0)"""
+    process_count: int | None = None
+    """how many processes share the harvest (default: DICTLEARN_PROCESS_COUNT, SLURM_NTASKS or WORLD_SIZE, else 1)"""
+    wait: bool = True
+    """with several processes: wait until every part is done and merged (--no-wait: exit after this part)"""
 
 
 def configs_from(data: dict, where: str):
@@ -43,14 +55,25 @@ def configs_from(data: dict, where: str):
 def run(args: HarvestArgs) -> Path:
     from dictlearn.activations.corpus import check_corpus, is_local
     from dictlearn.activations.harvest import harvest
+    from dictlearn.activations.merge import merge_when_complete, unmerged_note
+    from dictlearn.activations.processes import slot_and_source
     from dictlearn.run import Run
 
+    index, count, source = slot_and_source(args.process_index, args.process_count)  # a bad slot fails first
     run_ = Run.from_config(args.config, args.set)
     model_cfg, corpus_cfg, harvest_cfg = configs_from(run_.data, str(args.config))
     if is_local(corpus_cfg.path):
         check_corpus(corpus_cfg)  # a bad corpus path, field or an empty corpus fails before the model loads
     out = run_.cache_dir
-    cache = harvest(model_cfg.load(), corpus_cfg, harvest_cfg, out)
+    if count > 1:
+        print(f"harvest: process {index} of {count} (from {source})", file=sys.stderr)
+    cache = harvest(model_cfg.load(), corpus_cfg, harvest_cfg, out, process=(index, count))
+    if count > 1:
+        cache = merge_when_complete(out, wait=args.wait)
+        if cache is None:
+            print(f"harvest: part {index}-of-{count} is complete. {unmerged_note(out)} (the last process to "
+                  "finish merges them by itself)")
+            return out
     print(cache.summary())
     return out
 
@@ -61,7 +84,7 @@ def main(argv: list[str]) -> int:
     from dictlearn.activations.corpus import CorpusError
     from dictlearn.activations.harvest import HarvestError
     from dictlearn.activations.hookpoints import HookpointError
-    from dictlearn.config import ConfigError
+    from dictlearn.config import ConfigError  # also a bad process index or count (processes.ProcessSlotError)
     from dictlearn.files import LockedError
 
     try:
