@@ -195,10 +195,14 @@ class Run:
 
     # cache and model
     def open_cache(self):
-        """The run's activation cache (opened once)."""
+        """The run's activation cache (opened once); the parts of an unmerged multi-process harvest are refused
+        with a sentence saying which parts are unfinished and to run `dictlearn cache merge`."""
         if self._cache is None:
-            from dictlearn.activations.cache import ActivationCache
+            from dictlearn.activations.cache import ActivationCache, CacheError
+            from dictlearn.activations.merge import unmerged_note
 
+            if (note := unmerged_note(self.cache_dir)) is not None:
+                raise CacheError(note)
             self._cache = ActivationCache.open(self.cache_dir)
         return self._cache
 

@@ -22,7 +22,7 @@ from dictlearn.activations.harvest import HarvestConfig, harvest
 from dictlearn.activations.merge import MERGED_FROM, merge, unmerged_note
 from dictlearn.activations.processes import ProcessSlotError, part_dir, process_slot, shard_range
 from dictlearn.cli import main as cli
-from dictlearn.run import cache_identity
+from dictlearn.run import Run, cache_identity
 
 from conftest import CORPUS
 
@@ -230,6 +230,10 @@ def test_missing_foreign_and_mixed_parts_are_refused_by_name(tiny_loaded, harves
     assert "unmerged parts of a 2-process harvest (part 1-of-2 is missing" in capsys.readouterr().err
     assert cli(["cache", "verify", str(part_dir(out, 0, 2))]) == 1
     assert "is part 0-of-2 of a multi-process harvest" in capsys.readouterr().err
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'out_dir = "{tmp_path / "run"}"\n[train]\ncache = "{out}"\n')
+    with pytest.raises(CacheError, match=r"unmerged parts of a 2-process harvest .* `dictlearn cache merge"):
+        Run.from_config(cfg).open_cache()  # what train, eval and export open
 
     # part 1 from another config: named with what differs
     _harvest(tiny_loaded, out, process=(1, 2), n_tokens=4096 + 64, shard_mb=0.25)
