@@ -134,6 +134,7 @@ class Run:
     out_dir: Path
     _cache: Any = field(default=None, repr=False)
     _model: Any = field(default=None, repr=False)
+    _online: Any = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, path: str | Path, overrides: list[str] | None = None) -> "Run":
@@ -157,6 +158,8 @@ class Run:
     def cache_dir(self) -> Path:
         """`train.cache` when given, else <out_dir>/cache: the one cache every stage reads."""
         given = (self.data.get("train") or {}).get("cache")
+        if given and "://" in str(given):  # a URL, read through fsspec: Path() would fold its "//"
+            return given
         return Path(given) if given else self.out_dir / CACHE_DIR
 
     @property
@@ -206,6 +209,34 @@ class Run:
             self._cache = ActivationCache.open(self.cache_dir)
         return self._cache
 
+    # online training (train.source = "model")
+    @property
+    def online(self) -> bool:
+        """True when `train.source = "model"`: the model computes the train split as training runs (no train
+        cache); the cache folder holds only the held-out shards (dictlearn.activations.online)."""
+        source = (self.data.get("train") or {}).get("source", "cache")
+        from dictlearn.trainers.sgd import SOURCES
+
+        if source not in SOURCES:
+            raise ConfigError(f"{self.config_path}: train.source must be one of {', '.join(SOURCES)}, got {source!r}")
+        return source == "model"
+
+    def online_plan(self):
+        """The harvest plan of [model], [corpus] and [harvest], with the corpus tokenised (built once per run
+        object; the model it loads is the run's model)."""
+        if self._online is None:
+            from dictlearn.activations.corpus import CorpusConfig
+            from dictlearn.activations.harvest import HarvestConfig
+            from dictlearn.activations.online import OnlinePlan
+
+            missing = [t for t in ("model", "corpus", "harvest") if not isinstance(self.data.get(t), dict)]
+            if missing:
+                raise ConfigError(f"{self.config_path}: train.source = \"model\" runs the model as training runs and needs "
+                                  f"the [model], [corpus] and [harvest] tables; missing: {', '.join(missing)}")
+            self._model = self._model or self.load_model()
+            self._online = OnlinePlan(self._model, self.section(CorpusConfig, "corpus"), self.section(HarvestConfig, "harvest"))
+        return self._online
+
     def model_config(self):
         """The [model] table as a ModelConfig, or None when the config has none."""
         if not self.data.get("model"):
@@ -236,8 +267,10 @@ class Run:
             import torch
 
             torch.set_num_threads(torch_threads)
-        info = self.open_cache().manifest["model"]
         config = self.model_config()
+        if self.online and config is not None and not (self.cache_dir / "manifest.json").is_file():
+            return config.load()  # online and nothing harvested yet: [model] is the model
+        info = self.open_cache().manifest["model"]
         loaded = config.load() if config is not None else load_model(info["name"], dtype=info.get("dtype", "float32"))
         if info.get("fingerprint") and loaded.fingerprint != info["fingerprint"]:
             raise ConfigError(f"the model {loaded.name!r} has weights {loaded.fingerprint}, but the cache at "

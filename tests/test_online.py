@@ -139,3 +139,139 @@ def test_outlier_filter_is_refused_online(tiny_loaded):
     corpus, config = _configs(outlier_norm_factor=8.0)
     with pytest.raises(OnlineError, match="outlier_norm_factor = 8.0: online training cannot count"):
         OnlinePlan(tiny_loaded, corpus, config)
+
+
+# --- the CLI: dictlearn run / train with train.source = "model" ------------------------------------------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 120
+RUN_CONFIG = """
+out_dir = "{out}"
+[model]
+name = "{model}"
+[corpus]
+path = "{corpus}"
+context_length = 64
+[harvest]
+hookpoints = ["resid_post.1"]
+n_tokens = 4096
+batch_size = 4
+shard_mb = 0.1
+eval_fraction = 0.25
+[train]
+source = "{source}"
+batch_size = 64
+n_steps = {steps}
+lr = 3e-3
+warmup_steps = 5
+log_every = 10
+checkpoint_every = 10
+sample_tokens = 512
+progress = false
+[wandb]
+mode = "disabled"
+[[decomposers]]
+name = "topk"
+kind = "topk"
+hookpoint_in = "resid_post.1"
+expansion = 4
+k = 8
+[eval]
+n_eval_rows = 512
+batch_size = 128
+n_downstream_sequences = 0
+n_feature_cards = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_gpt2, smol, tmp_path_factory) -> Path:
+    """The tiny GPT-2 with the SmolLM2 tokenizer as a model folder (what [model].name can point at)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_gpt2.save_pretrained(folder)
+    smol.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run_config(tmp_path: Path, name: str, model: Path, source: str = "model", steps: int = STEPS) -> tuple[Path, Path]:
+    out, config = tmp_path / name, tmp_path / f"{name}.toml"
+    config.write_text(RUN_CONFIG.format(out=out, model=model, corpus=CORPUS, source=source, steps=steps))
+    return config, out
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _params(out: Path, name: str = "topk") -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(out / "decomposers" / name / "params.safetensors"))
+
+
+def test_sigkilled_online_run_resumes_to_the_parameters_of_a_cache_run(tiny_model_dir, tmp_path):
+    """`dictlearn run` (harvest + train stages) online, SIGKILLed mid-training and run again, ends with exactly the
+    parameters of an uninterrupted run on a cache harvested with the same config: resuming is exact and the
+    online rows are the cache's rows."""
+    from dictlearn.activations.cache import ActivationCache
+    from dictlearn.cli import main
+    from dictlearn.trainers.logging import read_log
+
+    config, out = _run_config(tmp_path, "online", tiny_model_dir)
+    script = "import sys; from dictlearn.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", script, "run", str(config), "--stages", "harvest", "train"]
+    proc = subprocess.Popen(command, env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckdir = out / "decomposers" / "topk" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 30 for p in ckdir.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "decomposers" / "topk" / "params.safetensors").exists()
+    rerun = subprocess.run(command, env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming topk (topk) at step" in rerun.stdout + rerun.stderr
+
+    held = ActivationCache.open(out / "cache")  # nothing but the held-out shards was written
+    assert held.shard_ids("train") == [] and held.rows("eval") > 0
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "decomposers"]
+    log = read_log(out / "decomposers" / "topk" / "train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(10, STEPS + 1, 10))
+    assert all(0 <= r["data_wait_frac"] <= 1 and 0 <= r["model_wait_frac"] <= 1 for r in log)
+
+    cache_config, cache_out = _run_config(tmp_path, "cached", tiny_model_dir, source="cache")
+    assert main(["run", str(cache_config), "--stages", "harvest", "train",
+                 "--set", f"train.checkpoint_every={STEPS}"]) == 0
+    assert ActivationCache.open(cache_out / "cache").rows("eval") == held.rows("eval")
+    a, b = _params(out), _params(cache_out)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), f"{key}: max diff {np.abs(a[key] - b[key]).max()}"
+
+
+def test_online_config_errors_are_sentences(tiny_model_dir, tmp_path, capsys):
+    from dictlearn.cli import main
+
+    config, out = _run_config(tmp_path, "bad", tiny_model_dir, steps=5)
+    assert main(["train", str(config), "--set", "train.source=disk"]) == 1
+    assert "source must be one of cache, model, got 'disk'" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "train.distributed=true"]) == 1
+    assert 'train.source = "model" runs the model inside the one training process' in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "harvest.outlier_norm_factor=5.0"]) == 1
+    assert "online training cannot count the rows" in capsys.readouterr().err
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace('hookpoint_in = "resid_post.1"', 'hookpoint_in = "resid_post.2"'))
+    assert main(["train", str(other)]) == 1
+    assert "online, the rows are harvest.hookpoints and harvest.gradients" in capsys.readouterr().err
+    assert main(["run", str(config), "--stages", "harvest"]) == 0  # the held-out shards only
+    assert main(["train", str(config), "--set", "train.source=cache"]) == 1
+    assert "holds only the held-out shards of an online run" in capsys.readouterr().err

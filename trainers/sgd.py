@@ -32,6 +32,7 @@ from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig, read_
 from dictlearn.trainers.spec import NAME_RE, DecomposerSpec, TrainResult, data_keys  # noqa: F401 (re-exported)
 
 CHECKPOINT_DIR = "checkpoints"
+SOURCES = ("cache", "model")  # where training rows come from: the harvested cache, or the model online
 REMOVED_KEYS = {  # [train] keys that no longer exist -> what to do instead
     "dead_window_tokens": "dead latents are counted by each decomposer now: set `dead_tokens` in its "
                           "[[decomposers]] table instead",
@@ -62,6 +63,7 @@ class TrainConfig:
     seed: int = 0  # loader shuffling and the sample draw
     progress: bool = True  # show a tqdm progress bar
     cache: str = ""  # activation cache folder; "": <out_dir>/cache
+    source: str = "cache"  # "cache": train on the harvested cache; "model": the model computes the rows as training runs (no train cache)
     mesh_data: int = 0  # devices on the batch axis; 0: all devices / mesh_model
     mesh_model: int = 1  # devices on the latent axis
     distributed: bool = False  # call jax.distributed.initialize (several processes or hosts)
@@ -81,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.decay not in optim.DECAYS:
             raise ValueError(f"decay must be one of {', '.join(optim.DECAYS)}, got {self.decay!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
 
     def total_steps(self, rows: int) -> int:
         if self.n_steps:
@@ -316,8 +320,12 @@ def train(
                 pending = None
             if at_log:
                 seconds = time.perf_counter() - tic
-                logger.log(step, _records(members, sharding.fetch(history), step, batch_size,
-                                          (step - tic_step) * batch_size / max(seconds, 1e-9)))
+                records = _records(members, sharding.fetch(history), step, batch_size,
+                                   (step - tic_step) * batch_size / max(seconds, 1e-9))
+                data_stats = source.stats() if hasattr(source, "stats") else {}  # e.g. an online source's data_wait_frac
+                for record in records.values():
+                    record.update(data_stats)
+                logger.log(step, records)
                 history, tic, tic_step = [], time.perf_counter(), step
             if at_ckpt:
                 save_checkpoint(step)

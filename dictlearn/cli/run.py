@@ -1,5 +1,8 @@
 """`dictlearn run CONFIG.toml`: harvest -> train -> eval (report, feature cards) -> export.
 
+With `train.source = "model"` the harvest stage writes only the held-out shards (for eval) and the train stage
+runs the model as it trains (dictlearn.activations.online).
+
 Every stage skips work whose outputs are complete and valid (a verified cache, a saved decomposer,
 an evaluated decomposer, an exported folder), so re-running after a crash, or after adding a decomposer
 to the config, does only what is missing.
@@ -42,11 +45,22 @@ def _stages(args: RunArgs) -> tuple[Any, dict[str, tuple[tuple[str, ...], Callab
 
     run = Run.from_config(args.config, args.set)
     return run, {
-        "harvest": (HARVEST_ERRORS, lambda: harvest.run(harvest.HarvestArgs(args.config, list(args.set)))),
+        "harvest": (HARVEST_ERRORS, lambda: held_out_stage(run) if run.online
+                    else harvest.run(harvest.HarvestArgs(args.config, list(args.set)))),
         "train": (train.ERRORS, lambda: train.train_stage(run)),
         "eval": (evaluate.ERRORS, lambda: evaluate.eval_stage(run)),
         "export": (export.ERRORS, lambda: export.export_stage(run)),
     }
+
+
+def held_out_stage(run) -> Path:
+    """The harvest stage of an online run (train.source = "model"): only the plan's held-out shards are written
+    (for the eval stage); the train split is computed by the model as training runs."""
+    from dictlearn.activations.online import write_held_out
+
+    cache = write_held_out(run.online_plan(), run.cache_dir)
+    print(cache.summary())
+    return cache.path
 
 
 def run(args: RunArgs) -> int:

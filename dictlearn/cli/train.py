@@ -10,6 +10,10 @@ a run's decomposers folder.
 A `[[decomposers]]` table holds `name`, `kind`, `hookpoint_in` (and `hookpoint_out` for transcoders),
 `n_features` or `expansion` (n_features = expansion * d_in), its trainer's options (`lr` for SGD) and the
 kind's own hyper-parameters. d_in and d_out come from the cache's hookpoint widths.
+
+With `train.source = "model"` no cache is read: the model computes the rows of the harvest plan as training
+runs (dictlearn.activations.online), the widths come from the model's hookpoints, and what the rows are (for
+resuming and for the up-to-date rule) is the harvest's identity: model weights, corpus and [harvest] options.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _stage_options(spec, cfg) -> dict[str, Any]:
     return {"decomposer": spec.signature(), "train": cfg.math()}
 
 
-def is_trained(spec, identity: str, cfg, cache_path: Path) -> bool:
+def is_trained(spec, identity: str, cfg, cache_path: Path | str) -> bool:
     """True when spec.folder holds this very dictionary, finished and undamaged; False when it must train.
 
     A finished folder trained with other settings, on another cache, or whose files were damaged is
@@ -71,23 +75,61 @@ def is_trained(spec, identity: str, cfg, cache_path: Path) -> bool:
                           f"({'; '.join(diff)}); {delete}, or rename the decomposer")
     reasons = stale_reasons(spec.folder, inputs, options)
     if any(r.startswith("input cache") for r in reasons):
-        raise ConfigError(f"{spec.folder} holds {spec.name!r} trained on another activation cache than the one at "
-                          f"{cache_path} (identity {identity}); {delete}")
+        raise ConfigError(f"{spec.folder} holds {spec.name!r} trained on other data than {cache_path} (identity "
+                          f"{identity}); {delete}")
     if reasons:
         raise ConfigError(f"{spec.name}: {'; '.join(reasons)}; {delete}")
     return True
 
 
+def _cache_data(run, cfg):
+    """(hookpoints, identity, what the data is, check, make_source) for training on the run's cache."""
+    from dictlearn.activations.cache import CacheError
+    from dictlearn.activations.online import is_held_out_only
+    from dictlearn.config import ConfigError
+    from dictlearn.run import cache_identity
+    from dictlearn.trainers.data import CacheSource
+
+    cache = run.open_cache()
+    if is_held_out_only(cache):
+        raise ConfigError(f"the cache at {cache.path} holds only the held-out shards of an online run (no train split); "
+                          f'set train.source = "model" to train from the model, or harvest a full cache into another '
+                          "folder (train.cache) to train from a cache")
+
+    def check() -> None:
+        try:
+            cache.verify()  # a truncated or corrupt shard must not train a dictionary silently
+        except CacheError as e:
+            raise CacheError(f"refusing to train on the cache at {cache.path}, which does not verify: {e}") from None
+
+    return (cache.hookpoints, cache_identity(cache), f"the cache at {cache.path}", check,
+            lambda keys: CacheSource(cache, keys, cfg.batch_size, cfg.seed))
+
+
+def _model_data(run, cfg):
+    """(hookpoints, identity, what the data is, check, make_source) for online training (train.source = "model")."""
+    from dictlearn.activations.online import ModelSource
+    from dictlearn.config import ConfigError
+
+    if cfg.distributed:
+        raise ConfigError('train.source = "model" runs the model inside the one training process; several processes '
+                          "cannot share it yet: harvest a cache (several processes may harvest it) and train from it "
+                          'with train.source = "cache", or set train.distributed = false')
+    online = run.online_plan()
+    return (online.hookpoints(), online.identity, f"the model {online.loaded.name!r} online", lambda: None,
+            lambda keys: ModelSource(online, keys, cfg.batch_size, cfg.seed))
+
+
 def train_stage(run, only: list[str] | None = None) -> dict[str, Path]:
     """The train stage of `run`: every table not yet trained, with its kind's trainer, under the run's lock.
+    The rows come from the run's cache, or (train.source = "model") from the model as training runs.
 
     Returns name -> folder of what was trained now."""
-    from dictlearn.activations.cache import CacheError
+    from dictlearn.config import ConfigError
     from dictlearn.decomposers import base
     from dictlearn.files import FolderLock
-    from dictlearn.run import cache_identity, mark_done
+    from dictlearn.run import mark_done
     from dictlearn.trainers import train
-    from dictlearn.trainers.data import CacheSource
     from dictlearn.trainers.diskfull import disk_full, is_disk_full
     from dictlearn.trainers.logging import WandbConfig
     from dictlearn.trainers.sgd import finished, train_config
@@ -97,18 +139,20 @@ def train_stage(run, only: list[str] | None = None) -> dict[str, Path]:
     cfg = train_config(run.data.get("train") or {}, where=f"{where} [train]")
     wandb_cfg = run.section(WandbConfig, "wandb")
     tables = check_tables(run.data.get("decomposers", []), where, list(only or []))
-    if cfg.distributed:
+    if cfg.distributed and cfg.source == "cache":
         from dictlearn.trainers.sharding import initialize_distributed
 
         initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    cache = run.open_cache()
-    specs = [build_spec(t, cache.hookpoints, run.decomposer_dir(t["name"]), where) for t in tables]
-    identity = cache_identity(cache)
+    hookpoints, identity, data_where, check, make_source = (_model_data if cfg.source == "model" else _cache_data)(run, cfg)
+    try:
+        specs = [build_spec(t, hookpoints, run.decomposer_dir(t["name"]), where) for t in tables]
+    except ConfigError as e:
+        if cfg.source != "model":
+            raise
+        raise ConfigError(f"{e} (online, the rows are harvest.hookpoints and harvest.gradients, computed by the "
+                          "model as training runs)") from None
     if not all(finished(s.folder) for s in specs):
-        try:
-            cache.verify()  # a truncated or corrupt shard must not train a dictionary silently
-        except CacheError as e:
-            raise CacheError(f"refusing to train on the cache at {cache.path}, which does not verify: {e}") from None
+        check()
     import jax
 
     # one lock per run; the other processes of a multi-process job work under process 0's (they write no files)
@@ -116,14 +160,18 @@ def train_stage(run, only: list[str] | None = None) -> dict[str, Path]:
     with lock:
         todo = []
         for spec in specs:
-            if is_trained(spec, identity, cfg, cache.path):
+            if is_trained(spec, identity, cfg, data_where):
                 print(f"{spec.name}: already trained in {spec.folder} (delete it to train again)")
             else:
                 todo.append(spec)
         if not todo:
             print("dictlearn train: nothing to train")
             return {}
-        source = CacheSource(cache, data_keys(todo), cfg.batch_size, cfg.seed)
+        source = make_source(data_keys(todo))
+        if cfg.source == "model" and cfg.total_steps(source.rows()) * cfg.batch_size > source.rows():
+            epochs = cfg.total_steps(source.rows()) * cfg.batch_size / source.rows()
+            print(f"online: {epochs:.1f} passes over the plan's {source.rows():,} train rows (harvest.n_tokens); the model "
+                  "computes every pass again")
         result = train(todo, source, cfg, wandb_cfg, log_dir=run.out_dir, output_projection=run.output_projection)
         for spec in todo if jax.process_index() == 0 else []:
             try:
@@ -140,7 +188,8 @@ def train_stage(run, only: list[str] | None = None) -> dict[str, Path]:
 ERRORS = ("dictlearn.config:ConfigError", "dictlearn.activations.cache:CacheError",
           "dictlearn.trainers.checkpoint:CheckpointMismatch", "dictlearn.trainers.sgd:NonFiniteLoss",
           "dictlearn.trainers.diskfull:DiskFull", "dictlearn.files:LockedError",
-          "dictlearn.activations.families:HookpointError")
+          "dictlearn.activations.families:HookpointError", "dictlearn.activations.harvest:HarvestError",
+          "dictlearn.activations.corpus:CorpusError")
 
 
 def main(argv: list[str]) -> int:
