@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "harvest": ("harvest", "harvest activations from a model into an on-disk cache"),
-    "cache": ("cache", "inspect or verify an activation cache: `cache info DIR`, `cache verify DIR`"),
+    "cache": ("cache", "inspect, verify or merge an activation cache: `cache info DIR`, `cache verify DIR`, `cache merge DIR`"),
     "train": ("train", "train the decomposers a config lists on its cache"),
     "eval": ("evaluate", "score every trained decomposer and write the comparison report"),
     "export": ("export", "export decomposers as SAELens folders and steering vectors; import others"),
