@@ -105,3 +105,42 @@ def test_smol_cache_streams_transcoder_pairs(smol_cache):
     b = next(iter(_take(loader, 1)))
     assert b["mlp_in.10"].shape == b["mlp_out.10"].shape == (1024, 576)
     assert np.isfinite(b["mlp_in.10"]).all() and 1 < np.linalg.norm(b["mlp_in.10"], axis=1).mean() < 1e3
+
+
+def test_reader_slices_make_each_batch_from_parts_read_apart(cache, monkeypatch):
+    """S slices: a loader reading slice s alone yields part s of every batch, opening only slice s's shards;
+    the parts concatenate to the batches of a loader reading all slices, at any resume point."""
+    keys = ["resid_post.1", "seq", "pos"]
+    whole = BatchLoader(cache, keys, 96, seed=2, mix_shards=2, slices=3)
+    assert whole.slice_shards == [cache.shard_ids("train")[s::3] for s in range(3)] and whole.part == 32
+    assert whole.batches_per_epoch == min(sum(cache.shards[i]["rows"] for i in ids) // 32 for ids in whole.slice_shards)
+    n = whole.batches_per_epoch + 3  # across an epoch seam
+    full = _take(whole, n)
+    opened = []
+    real = type(cache).shard_arrays
+    monkeypatch.setattr(type(cache), "shard_arrays", lambda self, i, keys=None, **kw: opened.append(i) or real(self, i, keys, **kw))
+    parts = []
+    for s in range(3):
+        opened.clear()
+        alone = BatchLoader(cache, keys, 96, seed=2, mix_shards=2, slices=3, read=[s], prefetch=0)
+        parts.append(_take(alone, n))
+        assert set(opened) == set(whole.slice_shards[s])  # its own shards, nothing else
+        assert alone.rows_read == sum(cache.shards[i]["rows"] for i in opened)
+    for b, batch in enumerate(full):
+        assert all(np.array_equal(batch[k], np.concatenate([p[b][k] for p in parts])) for k in keys)
+    two = _take(BatchLoader(cache, keys, 96, seed=2, mix_shards=2, slices=3, read=[1, 2]), 5, start=n - 5)
+    assert all(np.array_equal(x[k], full[n - 5 + i][k][32:]) for i, x in enumerate(two) for k in keys)
+    # an epoch still visits no row twice; one slice is the plain loader
+    rows = [r for b in full[: whole.batches_per_epoch] for r in zip(b["seq"].tolist(), b["pos"].tolist())]
+    assert len(set(rows)) == len(rows)
+    plain, one = _take(BatchLoader(cache, keys, 96, seed=2), 3), _take(BatchLoader(cache, keys, 96, seed=2, slices=1), 3)
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(plain, one) for k in keys)
+
+
+def test_bad_reader_slices_are_refused(cache):
+    with pytest.raises(CacheError, match="reader slices = 3 must be a positive divisor of batch_size 100"):
+        BatchLoader(cache, ["seq"], 100, slices=3)
+    with pytest.raises(CacheError, match="has 12 shard\\(s\\), fewer than the 16 reader slices"):
+        BatchLoader(cache, ["seq"], 64, slices=16)
+    with pytest.raises(CacheError, match="must list distinct reader slices in 0..1"):
+        BatchLoader(cache, ["seq"], 64, slices=2, read=[2])

@@ -91,10 +91,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # three subprocesses: about a minute on two busy cores
 def test_two_processes_with_jax_distributed_match_one(tmp_path):
-    """`dictlearn train` as two processes (gloo collectives on one machine) forming a 2-device data mesh."""
+    """`dictlearn train` as two processes (gloo collectives on one machine) forming a 2-device data mesh, each
+    reading one of 2 reader slices: the parameters equal one process reading both slices, and each process
+    read half of that process's rows (and bytes)."""
     from conftest import CLI_CONFIG, planted, write_cache
 
-    cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=2048)})
+    cache = write_cache(tmp_path / "cache", {"act": planted(n_rows=2560)}, n_shards=5)  # 4 train shards of 512 rows
 
     def config(name: str) -> Path:
         path = tmp_path / f"{name}.toml"
@@ -102,11 +104,15 @@ def test_two_processes_with_jax_distributed_match_one(tmp_path):
         path.write_text(text)
         return path
 
-    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; conftest.register_tiny_kind(); "
-              "from dictlearn.cli import main; sys.exit(main(sys.argv[1:]))")
+    # each process reports what its cache sources read for training batches
+    script = (f"import json, sys; sys.path.insert(0, {str(TESTS)!r}); import conftest; conftest.register_tiny_kind(); "
+              "from dictlearn.trainers import data; made = []; init = data.CacheSource.__init__; "
+              "data.CacheSource.__init__ = lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0]; "
+              "from dictlearn.cli import main; rc = main(sys.argv[1:]); "
+              "print('READS' + json.dumps([s.reads() for s in made])); sys.exit(rc)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled"}
     env.pop("XLA_FLAGS", None)
-    common = ["--set", "train.n_steps=40", "--only", "tiny32"]
+    common = ["--set", "train.n_steps=40", "--set", "train.reader_slices=2", "--only", "tiny32"]
     port = _free_port()
     dist = ["--set", "train.distributed=true", "--set", f'train.coordinator_address="127.0.0.1:{port}"',
             "--set", "train.num_processes=2"]
@@ -123,3 +129,54 @@ def test_two_processes_with_jax_distributed_match_one(tmp_path):
     b = load_file(str(tmp_path / "one" / "decomposers" / "tiny32" / "params.safetensors"))
     for key, value in b.items():
         np.testing.assert_allclose(a[key], value, rtol=RTOL, atol=ATOL, err_msg=key)
+
+    def reads(output: str) -> dict[str, int]:
+        made = json.loads(output.rsplit("READS", 1)[1].splitlines()[0])
+        return {k: sum(m[k] for m in made) for k in ("rows", "bytes")}
+
+    alone, each = reads(one.stdout), [reads(o) for o in outputs]
+    # 40 steps of 32 rows per slice: 2 epochs of a slice's 1,024 rows (its 2 shards, one window) per slice
+    assert alone == {"rows": 4096, "bytes": 4096 * 16 * 4}
+    assert each == [{"rows": 2048, "bytes": 2048 * 16 * 4}] * 2
+
+
+def test_a_process_must_hold_the_rows_its_devices_take():
+    """put_batch with part of a batch: refused, naming the rows, when the devices here take rows it lacks."""
+    import jax
+
+    from dictlearn.trainers import sharding
+
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    rows = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    whole = sharding.put_batch({"x": rows}, sharding.batch_sharding(mesh))["x"]
+    assert sharding.process_rows(sharding.batch_sharding(mesh), 64) == (0, 64)
+    with pytest.raises(ValueError, match="take rows 0-63 of the batch, but it holds rows 16-63"):
+        sharding.put_batch({"x": rows[16:]}, sharding.batch_sharding(mesh), start=16, rows=64)
+    np.testing.assert_array_equal(np.asarray(whole), rows)
+
+
+def test_mesh_batches_read_in_slices_from_a_cache_only(tmp_path):
+    """One process with reader slices puts the sliced loader's global batches on the mesh; a source that
+    cannot read in slices (arrays in memory) is refused with a sentence."""
+    import itertools
+
+    import jax
+
+    from conftest import planted, write_cache
+    from dictlearn.activations.cache import ActivationCache
+    from dictlearn.activations.loader import BatchLoader
+    from dictlearn.config import ConfigError
+    from dictlearn.trainers import sharding
+    from dictlearn.trainers.data import ArraySource, CacheSource, mesh_batches
+
+    cache = ActivationCache.open(write_cache(tmp_path / "cache", {"act": planted(n_rows=1280)}, n_shards=5))
+    where = sharding.batch_sharding(sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+    source = CacheSource(cache, ["act"], 64, seed=1)
+    batches = mesh_batches(source, 3, ["act"], where, reader_slices=2)
+    got = [np.asarray(b["act"]) for b in itertools.islice(batches, 2)]
+    batches.close()
+    want = BatchLoader(cache, ["act"], 64, seed=1, slices=2)
+    assert all(np.array_equal(g, want.batch(3 + i)["act"]) for i, g in enumerate(got))
+    assert source.reads()["rows"] == 1024  # both slices' one window (2 shards of 256 rows each)
+    with pytest.raises(ConfigError, match="reader_slices = 2 needs a source that reads in slices"):
+        mesh_batches(ArraySource({"act": planted(n_rows=256)}, 64), 0, ["act"], where, reader_slices=2)

@@ -3,11 +3,14 @@
 A source is deterministic in (seed, batch index): `iterate(start)` from batch `start` yields exactly
 the batches an uninterrupted run sees from there, which is what makes resuming exact. `sample(n)`
 is a separate draw used to estimate input scales and for data-dependent initialisation.
+
+`mesh_batches` puts them on the device mesh. With `reader_slices` > 1 (a cache source) every process
+reads only the slices of each batch that hold its devices' rows (see the loader's "Reader slices").
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -78,6 +81,7 @@ class CacheSource:
         self.cache, self.keys, self.batch_size, self.seed = cache, list(keys), batch_size, seed
         self.identity = cache_identity(cache)
         self.loader = BatchLoader(cache, keys=self.keys, batch_size=batch_size, split="train", seed=seed)
+        self.streams: list[Any] = []  # the loaders that served batches (their rows_read / bytes_read)
 
     def view(self, keys: list[str], batch_size: int) -> "CacheSource":
         """The same cache, fewer keys, another batch size (at most the train split's rows)."""
@@ -90,8 +94,21 @@ class CacheSource:
         return int(self.loader.rows("train"))
 
     def iterate(self, start_batch: int = 0) -> Iterator[Batch]:
-        for batch in self.loader.iterate(start_batch=start_batch):
-            yield {k: batch[k] for k in self.keys}
+        return self.iterate_slices(start_batch, 1, [0])
+
+    def iterate_slices(self, start_batch: int, slices: int, read: list[int]) -> Iterator[Batch]:
+        """Batches made of the parts of reader slices `read` (of `slices`) alone, in order; only their
+        shards are read. Checks the slicing now (CacheError), before the first batch is asked for."""
+        from dictlearn.activations.loader import BatchLoader
+
+        loader = self.loader if slices == 1 else BatchLoader(
+            self.cache, keys=self.keys, batch_size=self.batch_size, split="train", seed=self.seed, slices=slices, read=read)
+        self.streams.append(loader)
+        return _only(loader.iterate(start_batch=start_batch), self.keys)
+
+    def reads(self) -> dict[str, int]:
+        """Rows and bytes this process has read from the cache for training batches (not the start-up sample)."""
+        return {"rows": sum(s.rows_read for s in self.streams), "bytes": sum(s.bytes_read for s in self.streams)}
 
     def sample(self, n_rows: int) -> Batch:
         from dictlearn.activations.loader import BatchLoader
@@ -100,3 +117,47 @@ class CacheSource:
         loader = BatchLoader(self.cache, keys=self.keys, batch_size=n_rows, split="train", seed=self.seed + 1)
         return loader.batch(0)
 
+
+
+def mesh_batches(source: BatchSource, start_batch: int, keys: list[str], batch_sharding, reader_slices: int = 1
+                 ) -> Iterator[dict[str, Any]]:
+    """The batches from `start_batch` on, each laid out on the mesh as one global array per key.
+
+    reader_slices = 1: every process reads the whole batch and keeps its devices' rows. More: this process
+    reads only the slices that hold its devices' rows (`source.iterate_slices`, a cache source); the global
+    batches are the same whichever process reads which slice. Bad slicing fails here, not at the first step."""
+    from dictlearn.config import ConfigError
+    from dictlearn.trainers import sharding
+
+    size = source.batch_size
+    if reader_slices < 1 or size % reader_slices:
+        raise ConfigError(f"train.reader_slices = {reader_slices} must be a positive divisor of batch_size {size}")
+    if reader_slices == 1:
+        first, batches = 0, source.iterate(start_batch)
+    elif not hasattr(source, "iterate_slices"):
+        raise ConfigError(f"train.reader_slices = {reader_slices} needs a source that reads in slices (an activation "
+                         f"cache); this one does not ({source.describe() or type(source).__name__}): set reader_slices = 1")
+    else:
+        part = size // reader_slices
+        lo, hi = sharding.process_rows(batch_sharding, size)
+        read = list(range(lo // part, -(-hi // part)))
+        first, batches = read[0] * part, source.iterate_slices(start_batch, reader_slices, read)
+    return _placed(batches, keys, batch_sharding, first, size)
+
+
+def _placed(batches: Iterator[Batch], keys: list[str], batch_sharding, first: int, size: int) -> Iterator[dict[str, Any]]:
+    from dictlearn.trainers import sharding
+
+    try:
+        for raw in batches:
+            yield sharding.put_batch({k: raw[k] for k in keys}, batch_sharding, first, size)
+    finally:
+        getattr(batches, "close", lambda: None)()
+
+
+def _only(batches: Iterator[Batch], keys: list[str]) -> Iterator[Batch]:
+    try:
+        for batch in batches:
+            yield {k: batch[k] for k in keys}
+    finally:
+        batches.close()  # stops the loader's read-ahead thread now

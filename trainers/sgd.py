@@ -26,7 +26,7 @@ from dictlearn.config import ConfigError, from_dict
 from dictlearn.decomposers import base
 from dictlearn.trainers import optim, scaling, sharding
 from dictlearn.trainers.checkpoint import CACHE_KEY, CheckpointMismatch, Checkpointer, common_step, restore_newest
-from dictlearn.trainers.data import BatchSource
+from dictlearn.trainers.data import BatchSource, mesh_batches
 from dictlearn.trainers.diskfull import disk_full, is_disk_full
 from dictlearn.trainers.logging import LOG_FILE, TrainLogger, WandbConfig, read_log
 from dictlearn.trainers.spec import NAME_RE, DecomposerSpec, TrainResult, data_keys  # noqa: F401 (re-exported)
@@ -70,11 +70,14 @@ class TrainConfig:
     coordinator_address: str = ""  # "host:port"; "": let JAX detect the cluster
     num_processes: int = 0  # distributed: processes in the job (0: from the environment)
     process_id: int = -1  # distributed: this process's index (-1: from the environment)
+    reader_slices: int = 1  # cache readers each batch is split over; several processes: their count (each reads its own)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "log_every", "checkpoint_every", "sample_tokens"):
+        for name in ("batch_size", "log_every", "checkpoint_every", "sample_tokens", "reader_slices"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.reader_slices:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of reader_slices {self.reader_slices}")
         if self.n_tokens < 0 or self.n_steps < 0 or self.warmup_steps < 0:
             raise ValueError("n_tokens, n_steps and warmup_steps must not be negative")
         if self.n_tokens and self.n_steps:
@@ -97,7 +100,8 @@ class TrainConfig:
         """The fields that change the trained parameters (a resumed run must match them)."""
         keep = ("batch_size", "warmup_steps", "decay", "decay_fraction", "final_lr_fraction", "adam_b1", "adam_b2",
                 "adam_eps", "grad_clip", "scale_inputs", "sample_tokens", "seed")
-        return {k: getattr(self, k) for k in keep}
+        sliced = {"reader_slices": self.reader_slices} if self.reader_slices != 1 else {}  # 1: as before the option
+        return {**{k: getattr(self, k) for k in keep}, **sliced}
 
 
 def train_config(table: dict[str, Any], where: str = "[train]") -> TrainConfig:
@@ -298,7 +302,7 @@ def train(
                     f"and {kept}. Lower train.lr (now {m.lr}), add warm-up, or check the cache for bad values."
                 )
 
-    batches = source.iterate(start)
+    batches = mesh_batches(source, start, keys, batch_sharding, cfg.reader_slices)
     history: list[list[dict[str, jax.Array]]] = []
     pending: tuple[int, Any] | None = None
     tic, tic_step = time.perf_counter(), start
@@ -306,8 +310,7 @@ def train(
     step = start
     try:
         for step in range(start + 1, n_steps + 1):
-            raw = next(batches)
-            batch = sharding.put_batch({k: raw[k] for k in keys}, batch_sharding)
+            batch = next(batches)
             states, outs = step_fn(states, batch)
             if pending is not None:
                 check_finite(*pending)  # the previous step's loss: keeps one step in flight

@@ -2,8 +2,9 @@
 
 Single device: a 1 x 1 mesh, and every function here is a plain device_put. Several devices in one
 process: `XLA_FLAGS=--xla_force_host_platform_device_count=N` simulates them on a CPU. Several hosts:
-call `initialize_distributed` first; every process then loads the same global batch (deterministic
-loader) and hands the devices it owns their slice of it (`make_array_from_callback`).
+call `initialize_distributed` first. Every process then either loads the same global batch (deterministic
+loader) and hands the devices it owns their rows of it, or, with reader slices, loads only a contiguous
+block of rows covering its devices' rows (`process_rows`) and hands those on (`put_batch(start=...)`).
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def latent_sharding(mesh: Mesh, shape: tuple[int, ...], n_features: int) -> NamedSharding:
-    """Shard the first axis of length n_features over "model" (when it divides); replicate the rest.
+    """Shard the axis of length n_features over "model" (when it divides); replicate the rest.
 
     Every latent-indexed array (encoder columns, decoder rows, encoder bias, thresholds, dead
-    counters, and the Adam moments of each) thereby lives beside its latents."""
+    counters, and the Adam moments of each) thereby lives beside its latents. When several axes have
+    that length, the first axis wins, then the last: latents lead (n_features, d) decoder rows and
+    trail a cross-layer transcoder's (layers, d_in, n_features) encoder and (layers, n_features) biases."""
     model = mesh.shape["model"]
     spec: list[str | None] = [None] * len(shape)
     if model > 1 and n_features % model == 0:
-        for axis, size in enumerate(shape):
-            if size == n_features:
+        order = [0, len(shape) - 1, *range(1, len(shape) - 1)] if shape else []
+        for axis in dict.fromkeys(order):
+            if shape[axis] == n_features:
                 spec[axis] = "model"
                 break
     return NamedSharding(mesh, P(*spec))
@@ -73,12 +77,33 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    rows = next(iter(batch.values())).shape[0]
+def process_rows(sharding: NamedSharding, rows: int) -> tuple[int, int]:
+    """[start, stop): the smallest block of a global batch of `rows` rows that holds every row this process's
+    devices get under `sharding` (all of it where the batch axis is replicated or spans every device here)."""
+    spans = [index[0].indices(rows)[:2] for index in sharding.addressable_devices_indices_map((rows, 1)).values()]
+    return min(a for a, _ in spans), max(b for _, b in spans)
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding, start: int = 0, rows: int = 0
+              ) -> dict[str, jax.Array]:
+    """A global batch of `rows` rows on the mesh, from the rows [start, start + len) of it that `batch` holds
+    (default: the whole batch). Each process passes rows covering `process_rows`; only those are used."""
+    held = next(iter(batch.values())).shape[0]
+    rows = rows or held
     data = sharding.mesh.shape["data"]
     if rows % data:
         raise ValueError(f"batch_size {rows} must be a multiple of the mesh's data axis ({data} devices)")
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+    need = process_rows(sharding, rows) if held != rows else (0, rows)
+    if need[0] < start or need[1] > start + held:
+        raise ValueError(f"this process's devices take rows {need[0]}-{need[1] - 1} of the batch, but it holds "
+                         f"rows {start}-{start + held - 1}")
+
+    def local(index, v):
+        a, b, _ = index[0].indices(rows)
+        return v[(slice(a - start, b - start), *index[1:])]
+
+    return {k: jax.make_array_from_callback((rows, *v.shape[1:]), sharding, lambda index, v=v: local(index, v))
+            for k, v in batch.items()}
 
 
 def to_host(x: Any) -> Any:

@@ -17,6 +17,11 @@ whole. bfloat16 is stored as safetensors "BF16" (numpy reads it through ml_dtype
 Nothing is used silently: `check_folder` accounts for every data file against the manifest (an unlisted
 shard, a gap, a wrong total is refused), `verify` adds sizes, headers and checksums, and
 `shard_arrays(k, verify=True)` checks a shard's sha256 on the one read that uses it.
+
+Where a cache is read from: a local folder (shards memory-mapped), or a URL read through fsspec
+(`memory://`, `file://`, and `s3://`, `gs://`, ... when the matching fsspec package is installed), with the
+same checks and errors; a URL read fetches only the byte ranges of the arrays asked for. Caches are
+written to local folders only (harvest locally, then copy the folder to shared or object storage).
 """
 
 from __future__ import annotations
@@ -42,6 +47,19 @@ _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.i
 
 class CacheError(RuntimeError):
     """A cache folder that is missing, incomplete, corrupt, or not what the caller expects."""
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*(?:::[A-Za-z][A-Za-z0-9+.-]*)*)://")  # also chained: simplecache::s3://
+
+
+def is_url(location: str | Path) -> bool:
+    """True for "scheme://..." strings (read through fsspec); a Path or a plain path is a local folder."""
+    return isinstance(location, str) and _URL.match(location) is not None
+
+
+def _mangled_url(path: Path) -> bool:
+    """A URL that went through Path(), which folds "s3://b" into "s3:/b": never a folder anyone meant."""
+    return _URL.match(str(path).replace(":/", "://", 1)) is not None and not Path(path).is_absolute()
 
 
 _DATA_FILE = re.compile(r"(shard-\d+.*|.*\.(safetensors|npy|npz))$")  # what a cache folder's data files look like
@@ -104,32 +122,175 @@ def to_float32(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-class ActivationCache:
-    """Read access to a cache folder (use `ActivationCache.open`)."""
+class _LocalFolder:
+    """A cache folder on this machine: shards are memory-mapped (nothing is read until indexed)."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, root: Path):
+        self.root = root
+
+    def exists(self) -> bool:
+        return self.root.exists()
+
+    def is_file(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def size(self, name: str) -> int:
+        return (self.root / name).stat().st_size
+
+    def read_text(self, name: str) -> str:
+        return (self.root / name).read_text()
+
+    def read_all(self, name: str, size: int) -> bytearray:
+        buf = bytearray(size)
+        with open(self.root / name, "rb", buffering=0) as f:
+            view, got = memoryview(buf), 0
+            while got < size and (n := f.readinto(view[got:])):
+                got += n
+        return buf if got == size else buf[:got]
+
+    def header(self, name: str) -> tuple[int, dict]:
+        return read_safetensors_header(self.root / name)
+
+    def region(self, name: str) -> Callable[[int, int], np.ndarray]:
+        data = np.memmap(self.root / name, dtype=np.uint8, mode="r")
+        return lambda start, stop: data[start:stop]
+
+    def names(self) -> set[str]:
+        return {f.name for f in self.root.iterdir() if f.is_file()}
+
+    def sha256(self, name: str) -> str:
+        return sha256_file(self.root / name)
+
+
+class _FsspecFolder:
+    """A cache folder behind a URL, read through fsspec: byte ranges for arrays, whole files for checksums."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = _filesystem(self.url)
+        self.root = self.root.rstrip("/")
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _do(self, what: str, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise CacheError(f"could not {what} {self.url}: {e}") from e
+
+    def exists(self) -> bool:
+        return bool(self._do("reach", self.fs.exists, self.root))
+
+    def is_file(self, name: str) -> bool:
+        return bool(self._do("read", self.fs.isfile, self._path(name)))
+
+    def size(self, name: str) -> int:
+        return int(self._do("read", self.fs.size, self._path(name)))
+
+    def read_text(self, name: str) -> str:
+        return self._do("read", self.fs.cat_file, self._path(name)).decode()
+
+    def read_all(self, name: str, size: int) -> bytes:
+        return self._do("read", self.fs.cat_file, self._path(name))
+
+    def _range(self, name: str, start: int, stop: int) -> bytes:
+        return self._do("read", self.fs.cat_file, self._path(name), start, stop)
+
+    def header(self, name: str) -> tuple[int, dict]:
+        return _parse_header(lambda o, n: self._range(name, o, o + n), self.size(name), name)
+
+    def region(self, name: str) -> Callable[[int, int], np.ndarray]:
+        return lambda start, stop: np.frombuffer(self._range(name, start, stop), dtype=np.uint8)
+
+    def names(self) -> set[str]:
+        entries = self._do("list", self.fs.ls, self.root, True)
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"}
+
+    def sha256(self, name: str) -> str:
+        def stream() -> str:
+            digest = hashlib.sha256()
+            with self.fs.open(self._path(name), "rb") as f:
+                while chunk := f.read(1 << 23):
+                    digest.update(chunk)
+            return digest.hexdigest()
+
+        return self._do("read", stream)
+
+
+def _filesystem(url: str):
+    """(fsspec file system, path inside it) for a URL; CacheError naming the package a scheme needs."""
+    scheme = _URL.match(url).group(1)
+    try:
+        import fsspec
+    except ImportError:
+        raise CacheError(f"reading a cache from {scheme}:// needs fsspec: pip install fsspec") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        package = _missing_package(scheme)
+        if package is None:
+            raise CacheError(f"reading a cache from {scheme}:// URLs failed to import its fsspec file system: {e}") from None
+        raise CacheError(f"reading a cache from {scheme}:// URLs needs the {package} package, which is not "
+                         f"installed: pip install {package}") from None
+    except ValueError as e:
+        raise CacheError(f"{url}: no fsspec file system reads {scheme}:// URLs ({e}); use a local folder, or "
+                         f"install the fsspec package for that storage") from None
+
+
+def _missing_package(scheme: str) -> str | None:
+    """The package (named as pip installs it) of the first protocol in `scheme` ("s3", "simplecache::gs") that is
+    not installed, from fsspec's registry of implementations."""
+    import importlib.util
+
+    from fsspec.registry import known_implementations
+
+    for protocol in scheme.split("::"):
+        module = known_implementations.get(protocol, {}).get("class", "").split(".")[0]
+        if module and importlib.util.find_spec(module) is None:
+            return module
+    return None
+
+
+class ActivationCache:
+    """Read access to a cache (use `ActivationCache.open`). `path` is the local folder, or the URL it was
+    opened from."""
+
+    def __init__(self, path: Path | str, manifest: dict, folder: _LocalFolder | _FsspecFolder | None = None):
         self.path = path
         self.manifest = manifest
+        self._folder = folder or _LocalFolder(Path(path))
 
     @classmethod
     def open(cls, path: str | Path) -> "ActivationCache":
-        path = Path(path)
-        mf = path / MANIFEST
-        if not mf.is_file():
-            hint = " (a harvest writes it: dictlearn harvest CONFIG.toml)" if not path.exists() else ""
-            raise CacheError(f"{str(path)!r} is not an activation cache: {MANIFEST} is missing{hint}")
+        """The cache at a local folder or a URL (fsspec); CacheError when it is missing or not a cache."""
+        if is_url(path):
+            folder, where = _FsspecFolder(str(path)), str(path).rstrip("/")
+        else:
+            folder = _LocalFolder(Path(path))
+            where = folder.root
+        mf = f"{where}/{MANIFEST}"
         try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
+            present = folder.is_file(MANIFEST)
+        except FileNotFoundError:
+            present = False
+        if not present:
+            hint = " (a harvest writes it: dictlearn harvest CONFIG.toml)" if not folder.exists() else ""
+            raise CacheError(f"{str(where)!r} is not an activation cache: {MANIFEST} is missing{hint}")
+        try:
+            manifest = json.loads(folder.read_text(MANIFEST))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{mf}: corrupt manifest ({e})") from e
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CacheError(f"{mf}: not a dictlearn activation cache manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{mf}: cache format version {manifest.get('format_version')} is not supported "
                 f"(this dictlearn reads version {FORMAT_VERSION}); harvest it again"
             )
-        return cls(path, manifest)
+        return cls(where, manifest, folder)
 
     # --- description -------------------------------------------------------------------------------
     @property
@@ -177,42 +338,40 @@ class ActivationCache:
     def shard_arrays(self, index: int, keys: list[str] | None = None, verify: bool = False) -> dict[str, np.ndarray]:
         """Arrays of shard `index` in their stored dtype.
 
-        Without `verify` they are memory-mapped (no read until indexed). With `verify` the whole file is read
-        once into memory and its sha256 checked against the manifest before any array is returned (the same
-        bytes are hashed and used, so nothing is read twice); a mismatch raises CacheError naming the shard."""
+        Without `verify` a local shard is memory-mapped (no read until indexed) and a URL's shard is read
+        array by array (only the byte ranges of `keys`). With `verify` the whole file is read once into
+        memory and its sha256 checked against the manifest before any array is returned (the same bytes are
+        hashed and used, so nothing is read twice); a mismatch raises CacheError naming the shard."""
         info = self.shards[index]
-        path = self.path / info["file"]
-        if not path.is_file():
-            raise CacheError(f"{info['file']}: listed in the manifest but missing; rerun the harvest or `dictlearn cache verify`")
+        name = info["file"]
+        if not self._folder.is_file(name):
+            raise CacheError(f"{name}: listed in the manifest but missing; rerun the harvest or `dictlearn cache verify`")
         if verify:
-            buf = self._read_checked(info, path)
-            start, header = _parse_header(lambda o, n: bytes(buf[o : o + n]), len(buf), info["file"])
+            buf = self._read_checked(info)
+            start, header = _parse_header(lambda o, n: bytes(buf[o : o + n]), len(buf), name)
             data = np.frombuffer(buf, dtype=np.uint8)
+            region = lambda a, b: data[a:b]  # noqa: E731
         else:
-            start, header = read_safetensors_header(path)
-            data = np.memmap(path, dtype=np.uint8, mode="r")
+            start, header = self._folder.header(name)
+            region = self._folder.region(name)
         wanted = keys if keys is not None else list(header)
         out = {}
         for k in wanted:
             if k not in header:
-                raise CacheError(f"{info['file']}: has no array {k!r}; stored: {', '.join(sorted(header))}")
+                raise CacheError(f"{name}: has no array {k!r}; stored: {', '.join(sorted(header))}")
             t = header[k]
             a, b = t["data_offsets"]
-            out[k] = data[start + a : start + b].view(_np_dtype(t["dtype"])).reshape(t["shape"])
+            out[k] = region(start + a, start + b).view(_np_dtype(t["dtype"])).reshape(t["shape"])
         return out
 
-    def _read_checked(self, info: dict, path: Path) -> bytearray:
+    def _read_checked(self, info: dict) -> bytearray | bytes:
         """The bytes of a shard, read once, after checking their size and sha256 against the manifest."""
-        size = path.stat().st_size
+        size = self._folder.size(info["file"])
         if size != info["bytes"]:
             raise CacheError(f"{info['file']} in {self.path}: truncated or altered: {size} bytes, the manifest says "
                              f"{info['bytes']}; harvest the cache again")
-        buf = bytearray(size)
-        with open(path, "rb", buffering=0) as f:
-            view, got = memoryview(buf), 0
-            while got < size and (n := f.readinto(view[got:])):
-                got += n
-        if got != size or hashlib.sha256(buf).hexdigest() != info["sha256"]:
+        buf = self._folder.read_all(info["file"], size)
+        if len(buf) != size or hashlib.sha256(buf).hexdigest() != info["sha256"]:
             raise CacheError(f"{info['file']} in {self.path}: corrupt: its sha256 does not match the manifest; "
                              "harvest the cache again (or restore the file)")
         return buf
@@ -266,7 +425,7 @@ class ActivationCache:
             got = sum(s[part] for s in self.shards)
             if total in m and self.shards and m[total] != got:
                 problems.append(f"its {total} is {m[total]:,} but its shards hold {got:,} {part}")
-        present = {f.name for f in self.path.iterdir() if f.is_file()}
+        present = self._folder.names()
         pending = shard_name(len(self.shards)) if not self.complete else None  # a write a kill interrupted
         unlisted = sorted(n for n in present - listed
                           if _DATA_FILE.match(n) and ".tmp" not in n and n != pending)
@@ -295,18 +454,19 @@ class ActivationCache:
         self.check_folder()
         widths = {k: v["width"] for k, v in self.hookpoints.items()}
         for info in self.shards:
-            path = self.path / info["file"]
-            if not path.is_file():
-                raise CacheError(f"{info['file']}: missing from {self.path}")
-            if path.stat().st_size != info["bytes"]:
-                raise CacheError(f"{info['file']}: truncated or altered: {path.stat().st_size} bytes, manifest says {info['bytes']}")
-            _, header = read_safetensors_header(path)
+            name = info["file"]
+            if not self._folder.is_file(name):
+                raise CacheError(f"{name}: missing from {self.path}")
+            size = self._folder.size(name)
+            if size != info["bytes"]:
+                raise CacheError(f"{name}: truncated or altered: {size} bytes, manifest says {info['bytes']}")
+            _, header = self._folder.header(name)
             for k, w in widths.items():
                 shape = header.get(k, {}).get("shape")
                 if shape != [info["rows"], w]:
-                    raise CacheError(f"{info['file']}: array {k!r} has shape {shape}, expected {[info['rows'], w]}")
-            if checksums and sha256_file(path) != info["sha256"]:
-                raise CacheError(f"{info['file']}: corrupt: sha256 does not match the manifest")
+                    raise CacheError(f"{name}: array {k!r} has shape {shape}, expected {[info['rows'], w]}")
+            if checksums and self._folder.sha256(name) != info["sha256"]:
+                raise CacheError(f"{name}: corrupt: sha256 does not match the manifest")
 
     def summary(self) -> str:
         """What `dictlearn cache info` prints: model, corpus, counts (with what each exclusion rule left out), shards."""
@@ -349,6 +509,7 @@ class CacheWriter:
 
         `manifest["identity"]` holds everything that decides the cache's content (model, corpus, harvest
         settings); an existing cache with a different identity is refused, never mixed."""
+        _check_local(path)
         path = Path(path)
         mf = path / MANIFEST
         if mf.is_file():
@@ -375,7 +536,8 @@ class CacheWriter:
 
     @staticmethod
     def check_new_folder(path: Path) -> None:
-        """Refuse a folder that holds other files but no manifest (never harvest into someone's data)."""
+        """Refuse a folder that holds other files but no manifest (never harvest into someone's data), and a URL."""
+        _check_local(path)
         if path.exists() and not (path / MANIFEST).is_file() and any(f.name != LOCK_FILE for f in path.iterdir()):
             raise CacheError(f"{path} exists and is not empty but holds no {MANIFEST}; choose an empty or new folder")
 
@@ -402,6 +564,14 @@ class CacheWriter:
         self.manifest["complete"] = True
         atomic_write_json(self.path / MANIFEST, self.manifest)
         return ActivationCache(self.path, self.manifest)
+
+
+def _check_local(path: str | Path) -> None:
+    """Caches are written to local folders only: a URL (or one that went through Path()) is refused."""
+    if is_url(path) or (isinstance(path, Path) and _mangled_url(path)):
+        raise CacheError(f"{path}: a cache is written to a local folder, not a URL; harvest into a local folder, "
+                         "then copy it to shared or object storage (e.g. `gsutil -m cp -r` or `aws s3 sync`) and "
+                         "point train.cache at the URL to read it there")
 
 
 def _left_out_note(manifest: dict) -> str:
