@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 
 from dictlearn.activations.corpus import CorpusConfig
 from dictlearn.activations.harvest import HarvestConfig
-from dictlearn.activations.hookpoints import resolve
+from dictlearn.activations.hookpoints import expand_hookpoints, resolve
 from dictlearn.activations.models import ModelConfig
 from dictlearn.run import read_run_config
 from dictlearn.config import from_dict
@@ -72,8 +72,8 @@ def test_config_parses_and_names_real_hookpoints(path: Path, tmp_path: Path):
         return
     assert data["decomposers"], f"{path.name} trains nothing"
     for table in data["decomposers"]:
-        assert table["hookpoint_in"] in harvest.hookpoints
-        assert table.get("hookpoint_out", table["hookpoint_in"]) in harvest.hookpoints
+        assert set(expand_hookpoints(table["hookpoint_in"])) <= set(harvest.hookpoints)  # a range: every layer
+        assert set(expand_hookpoints(table.get("hookpoint_out", table["hookpoint_in"]))) <= set(harvest.hookpoints)
         build_spec(table, widths, tmp_path / table["name"], where=path.name)
 
 

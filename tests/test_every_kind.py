@@ -15,6 +15,7 @@ import pytest
 
 import dictlearn.decomposers as D
 from dictlearn.decomposers import base
+from dictlearn.hookpoint_names import expand_hookpoints
 
 LAYER = 1
 KINDS = sorted(k for k, cls in base.REGISTRY.items() if cls.__module__.startswith(f"{D.__name__}."))
@@ -23,11 +24,12 @@ TRAIN = {"batch_size": 64, "n_steps": 12, "lr": 3e-3, "warmup_steps": 2, "log_ev
 
 
 def example_table(kind: str) -> dict:
-    """The kind's example as a [[decomposers]] table at layer LAYER."""
+    """The kind's example as a [[decomposers]] table at layer LAYER (a site-axis kind: layers LAYER to LAYER + 1)."""
     table = {"name": kind, "kind": kind, **base.REGISTRY[kind].example}
+    layers = f"{LAYER}-{LAYER + 1}" if base.REGISTRY[kind].site_axis else f"{LAYER}"
     for key in ("hookpoint_in", "hookpoint_out"):
         if key in table:
-            table[key] = f"{table[key]}.{LAYER}"
+            table[key] = f"{table[key]}.{layers}"
     return table
 
 
@@ -52,8 +54,8 @@ def trained(tiny_loaded, tmp_path_factory):
     from conftest import CORPUS
 
     root = tmp_path_factory.mktemp("every_kind")
-    sites = sorted({example_table(k)[key] for k in KINDS for key in ("hookpoint_in", "hookpoint_out")
-                    if key in example_table(k)})
+    sites = sorted(set(expand_hookpoints([example_table(k)[key] for k in KINDS for key in ("hookpoint_in", "hookpoint_out")
+                                          if key in example_table(k)])))
     # Which sites need gradients: ask the specs themselves (built against a cache that would hold everything).
     everything = {**{s: {"width": 128} for s in sites}, **{f"{s}@grad": {"width": 128} for s in sites}}
     grads = sorted({s.config.hookpoint_out for s in _specs(everything, root / "probe").values() if s.needs_grad})
@@ -68,9 +70,14 @@ def trained(tiny_loaded, tmp_path_factory):
     return {k: (specs[k], result.decomposers[k], result.logs[k], held) for k in KINDS}
 
 
+def _site(held, keys: list[str], site_axis: bool) -> np.ndarray:
+    """The held-out rows of one site, or of several stacked on a site axis (B, L, d)."""
+    return np.stack([held[k] for k in keys], axis=1) if site_axis else held[keys[0]]
+
+
 def _inputs(spec, held) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    x = jnp.asarray(held[spec.config.hookpoint_in])
-    return x, (jnp.asarray(held[spec.grad_key]) if spec.needs_grad else None)
+    x = jnp.asarray(_site(held, spec.x_keys, spec.site_axis))
+    return x, (jnp.asarray(_site(held, spec.grad_keys, spec.site_axis)) if spec.needs_grad else None)
 
 
 def _outputs(module, x, grad) -> dict[str, np.ndarray]:
@@ -98,7 +105,7 @@ def test_trains_from_its_example(trained, kind):
     assert module.kind == kind and type(module) is base.REGISTRY[kind]
     assert log and all(np.isfinite(r["fvu"]) for r in log if "fvu" in r), log
     x, grad = _inputs(spec, held)
-    y = np.asarray(held[spec.config.hookpoint_out])
+    y = np.asarray(_site(held, spec.y_keys, spec.site_axis))
     y_hat = np.asarray(module(x, grad) if grad is not None else module(x))  # a skip path is in __call__
     fvu = float(np.sum((y_hat - y) ** 2) / np.sum((y - y.mean(0)) ** 2))
     assert fvu < 1.0, (kind, fvu)  # held-out raw activations: it explains variance

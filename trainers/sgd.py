@@ -136,6 +136,9 @@ def finished(folder: str | Path) -> bool:
     return (folder / base.CONFIG_FILE).is_file() and (folder / base.PARAMS_FILE).is_file()
 
 
+Scale = float | np.ndarray  # an input scale: one float, or one per site for a site-axis kind
+
+
 @dataclasses.dataclass
 class _Member:
     """A decomposer under training and everything the loop needs to know about it."""
@@ -147,15 +150,35 @@ class _Member:
     opt_def: Any
     checkpointer: Checkpointer
     signature: dict[str, Any]
-    scale_in: float = 1.0
-    scale_out: float = 1.0
+    scale_in: Scale = 1.0  # a float; for a site-axis kind one per site, a float32 array (L,)
+    scale_out: Scale = 1.0
 
     def view(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """The decomposer's batch: scaled x and y; the gradient w.r.t. the scaled y (chain rule: g / s)."""
+        """The decomposer's batch: scaled x and y; the gradient w.r.t. the scaled y (chain rule: g / s).
+        A site-axis kind gets its sites stacked, (B, L, d), each scaled by its own factor."""
+        if self.spec.site_axis:
+            out = {"x": _stack(batch, self.spec.x_keys, self.scale_in), "y": _stack(batch, self.spec.y_keys, self.scale_out)}
+            if self.spec.config.needs_grad:
+                out["grad"] = _stack(batch, self.spec.grad_keys, 1.0 / self.scale_out)
+            return out
         out = {"x": batch[self.spec.x_key] * self.scale_in, "y": batch[self.spec.y_key] * self.scale_out}
         if self.spec.config.needs_grad:
             out["grad"] = batch[self.spec.grad_key] / self.scale_out
         return out
+
+
+def _stack(batch: dict, keys: list[str], scales: np.ndarray):
+    """(B, L, d): the arrays of `keys` stacked on axis 1, site l multiplied by scales[l] (numpy or jax)."""
+    xp = np if isinstance(batch[keys[0]], np.ndarray) else jnp
+    return xp.stack([batch[k] for k in keys], axis=1) * np.asarray(scales, np.float32)[:, None]
+
+
+def _scale_to_json(scale: Scale) -> float | list[float]:
+    return [float(v) for v in scale] if isinstance(scale, np.ndarray) else scale
+
+
+def _scale_from_json(value: float | list[float]) -> Scale:
+    return np.asarray(value, np.float32) if isinstance(value, list) else value
 
 
 def _check_float32(model: base.Decomposer, name: str) -> None:
@@ -252,7 +275,7 @@ def train(
         start = 0
     else:
         for m, meta in zip(members, resumed.metas):
-            m.scale_in, m.scale_out = meta["scale_in"], meta["scale_out"]
+            m.scale_in, m.scale_out = _scale_from_json(meta["scale_in"]), _scale_from_json(meta["scale_out"])
         states = [(model_state, opt_state) for model_state, opt_state, _ in resumed.states]
         start = resumed.step
 
@@ -282,7 +305,7 @@ def train(
     def save_checkpoint(step: int) -> None:
         for m, (model_state, opt_state) in zip(members, states):
             meta = {"step": step, "batch_index": step, "tokens": step * batch_size, "seed": cfg.seed,
-                    "scale_in": m.scale_in, "scale_out": m.scale_out, "signature": m.signature,
+                    "scale_in": _scale_to_json(m.scale_in), "scale_out": _scale_to_json(m.scale_out), "signature": m.signature,
                     "data_source": getattr(source, "describe", lambda: None)()}
             m.checkpointer.save(step, model_state, opt_state, _trainer_state(step, mesh), meta)
 
@@ -424,11 +447,16 @@ def _check_same_data(members: list[_Member], source: BatchSource) -> None:
 
 def _init_from_sample(members: list[_Member], models: list[base.Decomposer], sample: dict, scale_inputs: bool) -> None:
     """A fresh start: input scales from the sample, then each decomposer's data-dependent init on it."""
-    scales = scaling.input_scales(sample, [k for m in members for k in (m.spec.x_key, m.spec.y_key)], scale_inputs)
+    scales = scaling.input_scales(sample, [k for m in members for k in m.spec.x_keys + m.spec.y_keys], scale_inputs)
     for m, model in zip(members, models):
-        m.scale_in, m.scale_out = scales[m.spec.x_key], scales[m.spec.y_key]
-        model.init_from_data(jnp.asarray(sample[m.spec.x_key] * np.float32(m.scale_in)),
-                             jnp.asarray(sample[m.spec.y_key] * np.float32(m.scale_out)))
+        if m.spec.site_axis:
+            m.scale_in = np.asarray([scales[k] for k in m.spec.x_keys], np.float32)
+            m.scale_out = np.asarray([scales[k] for k in m.spec.y_keys], np.float32)
+            x, y = _stack(sample, m.spec.x_keys, m.scale_in), _stack(sample, m.spec.y_keys, m.scale_out)
+        else:
+            m.scale_in, m.scale_out = scales[m.spec.x_key], scales[m.spec.y_key]
+            x, y = sample[m.spec.x_key] * np.float32(m.scale_in), sample[m.spec.y_key] * np.float32(m.scale_out)
+        model.init_from_data(jnp.asarray(x), jnp.asarray(y))
         _check_float32(model, m.spec.name)
 
 
@@ -468,5 +496,6 @@ def _final(m: _Member, model_state) -> base.Decomposer:
 def _save_final(m: _Member, model: base.Decomposer, cfg: TrainConfig, n_steps: int, batch_size: int) -> None:
     """Write the native format."""
     extra = {"trained_steps": n_steps, "trained_tokens": n_steps * batch_size, "lr": m.lr,
-             "input_scale": m.scale_in, "output_scale": m.scale_out, "train": dataclasses.asdict(cfg)}
+             "input_scale": _scale_to_json(m.scale_in), "output_scale": _scale_to_json(m.scale_out),
+             "train": dataclasses.asdict(cfg)}
     base.save(model, m.spec.folder, extra=extra)

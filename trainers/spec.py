@@ -17,6 +17,7 @@ from typing import Any
 
 from dictlearn.config import ConfigError, from_dict
 from dictlearn.decomposers import base
+from dictlearn.hookpoint_names import expand_hookpoints
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 STAGE_KEYS = ("name", "kind", "expansion")
@@ -74,8 +75,26 @@ class DecomposerSpec:
         """Whether batches must carry the gradient at hookpoint_out (the kind's config says)."""
         return bool(self.config.needs_grad)
 
+    @property
+    def site_axis(self) -> bool:
+        """Batches stack several sites (x_keys, y_keys) on a site axis (a cross-layer transcoder)."""
+        return kinds()[self.kind].site_axis
+
+    @property
+    def x_keys(self) -> list[str]:
+        return self.config.hookpoints_in()
+
+    @property
+    def y_keys(self) -> list[str]:
+        return self.config.hookpoints_out()
+
+    @property
+    def grad_keys(self) -> list[str]:
+        return [f"{k}@grad" for k in self.y_keys]
+
     def keys(self) -> list[str]:
-        return list(dict.fromkeys([self.x_key, self.y_key] + ([self.grad_key] if self.needs_grad else [])))
+        """Every activation key the decomposer's batches need: all its sites (and their gradients when needed)."""
+        return list(dict.fromkeys(self.x_keys + self.y_keys + (self.grad_keys if self.needs_grad else [])))
 
     def signature(self) -> dict[str, Any]:
         """What decides the trained parameters besides the shared [train] options and the data."""
@@ -144,10 +163,7 @@ def build_spec(table: dict[str, Any], hookpoints: dict[str, dict], folder: Path,
     if not hp_in:
         raise ConfigError(f"{where}: needs `hookpoint_in`; the cache holds {', '.join(activations)}")
     hp_out = rest.get("hookpoint_out") or hp_in
-    for hp in (hp_in, hp_out):
-        if hp not in hookpoints:
-            raise ConfigError(f"{where}: the cache has no hookpoint {hp!r}; it holds {', '.join(activations)}")
-    widths = {"d_in": hookpoints[hp_in]["width"], "d_out": hookpoints[hp_out]["width"]}
+    widths = {"d_in": _site_width(hp_in, hookpoints, cls, where), "d_out": _site_width(hp_out, hookpoints, cls, where)}
     for key, width in widths.items():
         if rest.get(key) not in (None, width):
             raise ConfigError(f"{where}: {key} = {rest[key]} but the cache's {hp_in if key == 'd_in' else hp_out} has width {width}")
@@ -165,8 +181,34 @@ def build_spec(table: dict[str, Any], hookpoints: dict[str, dict], folder: Path,
         raise ConfigError(f"{e} (plus the stage's keys {', '.join(STAGE_KEYS)} and the "
                           f"{trainer_name(kind)} trainer's {', '.join(sorted(option_keys))})") from None
     options = from_dict(trainer.OPTIONS, {k: v for k, v in table.items() if k in option_keys}, where=where)
-    if config.needs_grad and f"{hp_out}@grad" not in hookpoints:
-        raise ConfigError(f"{where}: kind {kind!r} with this config needs gradients at {hp_out}, which the cache "
-                          f"lacks; harvest again with {hp_out!r} in harvest.gradients")
+    lacking = [h for h in config.hookpoints_out() if f"{h}@grad" not in hookpoints]
+    if config.needs_grad and lacking:
+        raise ConfigError(f"{where}: kind {kind!r} with this config needs gradients at {', '.join(lacking)}, which the "
+                          f"cache lacks; harvest again with {hp_out!r} in harvest.gradients")
     lr = getattr(options, "lr", None)
     return DecomposerSpec(name=name, kind=kind, config=config, folder=folder, lr=lr, options=options)
+
+
+def _site_width(name: str, hookpoints: dict[str, dict], cls: type[base.Decomposer], where: str) -> int:
+    """The width of the site(s) `name` names in the cache: one hookpoint, or for a site-axis kind a layer range
+    (`mlp_in.0-3`) whose every layer the cache holds, all of one width."""
+    try:
+        sites = expand_hookpoints(name)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if len(sites) > 1 and not cls.site_axis:
+        multi = sorted(k for k, c in kinds().items() if c.site_axis)
+        raise ConfigError(f"{where}: kind {cls.kind!r} reads and writes one hookpoint, but {name!r} names "
+                          f"{len(sites)}; give one layer (e.g. {sites[0]!r}), or use a kind with a site axis "
+                          f"({', '.join(multi) or 'none is installed'})")
+    activations = sorted(k for k in hookpoints if not k.endswith("@grad"))
+    missing = [s for s in sites if s not in hookpoints]
+    if missing:
+        raise ConfigError(f"{where}: the cache has no hookpoint {', '.join(map(repr, missing))}; it holds "
+                          f"{', '.join(activations)}" + (f" (harvest every layer of {name!r}: the same range "
+                                                         f"works in harvest.hookpoints)" if len(sites) > 1 else ""))
+    widths = {s: hookpoints[s]["width"] for s in sites}
+    if len(set(widths.values())) > 1:
+        raise ConfigError(f"{where}: the layers of {name!r} must have one width, the cache has "
+                          f"{', '.join(f'{s} {w}' for s, w in widths.items())}")
+    return widths[sites[0]]

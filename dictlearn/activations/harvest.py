@@ -75,6 +75,7 @@ class HarvestConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.hookpoints, self.gradients = hp_mod.expand_hookpoints(self.hookpoints), hp_mod.expand_hookpoints(self.gradients)
         if not self.hookpoints:
             raise ValueError("hookpoints is empty: name at least one, e.g. hookpoints = [\"resid_post.10\"]")
         if self.dtype not in STORAGE_DTYPES:

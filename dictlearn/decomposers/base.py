@@ -52,6 +52,15 @@ class DecomposerConfig:
         whose mechanism is chosen by a field (a transcoder's `sparsity`) answers per instance."""
         return False
 
+    def hookpoints_in(self) -> list[str]:
+        """The sites read, in order: [hookpoint_in]; a site-axis kind (a cross-layer transcoder) reads one per
+        layer of its range (`mlp_in.0-3`)."""
+        return [self.hookpoint_in]
+
+    def hookpoints_out(self) -> list[str]:
+        """The sites written, in order: [hookpoint_out]; one per layer for a site-axis kind."""
+        return [self.hookpoint_out]
+
 
 class Decomposer(nnx.Module):
     """Base class: subclasses set `kind` and `config_cls` and implement the four methods below.
@@ -67,6 +76,9 @@ class Decomposer(nnx.Module):
     # A small [[decomposers]] table: hookpoints as alias stems without a layer ("resid_post", "mlp_in"), which
     # tests complete with a layer; `expansion` or `n_features`; the kind's own keys at tiny-test values.
     example: ClassVar[dict[str, Any]] = {}
+    # True: batches carry a site axis, "x" (B, L, d_in) and "y" (B, L, d_out) stacked in the order of
+    # config.hookpoints_in() / hookpoints_out(), input scales are arrays (L,), codes are (B, L, n_features).
+    site_axis: ClassVar[bool] = False
     config: DecomposerConfig
 
     @property
