@@ -147,3 +147,67 @@ def test_kernels_stay_off_on_a_mesh_of_several_devices(monkeypatch):
     assert cpu.ROW_DOTS_TARGET not in jax.jit(cpu.row_dots).lower(x, x).as_text()
     assert cpu.scatter_rows(x, jnp.zeros((4, 8), jnp.int32), x, 3) is None
     assert cpu.gather_dots(x, jnp.zeros((4, 2), jnp.int32), x) is None
+
+
+# ---- row-selecting variants (Matryoshka's grouped decode) -------------------------------------------------
+
+
+@needs_compiler
+def test_scatter_rows_and_gather_dots_with_a_row_selector_equal_xla(kernels):
+    rng = np.random.default_rng(7)
+    batch, k, d, n, r = 96, 12, 40, 300, 384
+    idx = jnp.asarray(np.stack([rng.choice(n, k, replace=False) for _ in range(batch)]).astype(np.int32))
+    w = jnp.asarray(rng.standard_normal((batch, k)).astype(np.float32) * (rng.random((batch, k)) < 0.4))  # many zeros
+    rows = jnp.asarray(rng.standard_normal((r, d), dtype=np.float32))
+    table = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
+    row_of = jnp.asarray(rng.integers(0, r, (batch, k)).astype(np.int32))
+    ref = jnp.zeros((n, d)).at[idx.reshape(-1)].add((w[:, :, None] * rows[row_of]).reshape(-1, d))
+    np.testing.assert_allclose(cpu.scatter_rows(w, idx, rows, n, row_of=row_of), ref, rtol=1e-5, atol=1e-5)
+    dots = jnp.einsum("bkd,bkd->bk", rows[row_of], table[idx])
+    np.testing.assert_allclose(cpu.gather_dots(rows, idx, table, row_of=row_of), dots, rtol=1e-5, atol=1e-4)
+    # A selector of -1 means "no row": that slot's dot is 0 and the others are unchanged.
+    skip = rng.random((batch, k)) < 0.5
+    out = np.asarray(cpu.gather_dots(rows, idx, table, row_of=jnp.where(skip, -1, row_of)))
+    assert (out[skip] == 0).all()
+    np.testing.assert_allclose(out[~skip], np.asarray(dots)[~skip], rtol=1e-5, atol=1e-4)
+    # The plain scatter with zero weights (BatchTopK's unselected slots, now skipped) still sums the rest.
+    tok_rows = jnp.asarray(rng.standard_normal((batch, d), dtype=np.float32))
+    ref = jnp.zeros((n, d)).at[idx.reshape(-1)].add((w[:, :, None] * tok_rows[:, None, :]).reshape(-1, d))
+    np.testing.assert_allclose(cpu.scatter_rows(w, idx, tok_rows, n), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="row selector is outside"):
+        jax.block_until_ready(cpu.scatter_rows(w, idx, rows, n, row_of=row_of.at[0, 0].set(r)))
+    with pytest.raises(Exception, match="row selector is outside"):
+        jax.block_until_ready(cpu.gather_dots(rows, idx, table, row_of=row_of.at[0, 0].set(-2)))
+
+
+@needs_compiler
+def test_grouped_decode_kernels_equal_the_xla_path(kernels, monkeypatch):
+    """Matryoshka's grouped decode and its gradients, on the kernels and on XLA's ops; zero_is_unselected
+    zeroes exactly the zero slots' value gradients and changes nothing else."""
+    from dictlearn.decomposers.matryoshka import grouped_decode, prefix_groups
+
+    rng = np.random.default_rng(8)
+    batch, m, d, n, widths = 64, 10, 24, 80, (5, 20, 80)
+    idx = jnp.asarray(np.stack([rng.choice(n, m, replace=False) for _ in range(batch)]).astype(np.int32))
+    vals = jnp.asarray(rng.random((batch, m)).astype(np.float32) * (rng.random((batch, m)) < 0.6))
+    w = jnp.asarray(rng.standard_normal((n, d)).astype(np.float32))
+    probe = jnp.asarray(rng.standard_normal((batch, len(widths), d)).astype(np.float32))
+    group = prefix_groups(idx, widths)
+
+    def run(unselected):
+        f = lambda v, w: jnp.sum(probe * grouped_decode(v, idx, group, len(widths), w, unselected))  # noqa: E731
+        out = grouped_decode(vals, idx, group, len(widths), w, unselected)
+        return (out, *jax.grad(f, argnums=(0, 1))(vals, w))
+
+    assert cpu.SCATTER_ROWS_AT_TARGET in jax.jit(lambda v: grouped_decode(v, idx, group, 3, w)).lower(vals).as_text()
+    fast = {u: run(u) for u in (False, True)}
+    monkeypatch.setenv("DICTLEARN_CPU_KERNELS", "0")
+    slow = {u: run(u) for u in (False, True)}
+    for u in (False, True):
+        for a, b in zip(fast[u], slow[u]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    zero = np.asarray(vals) == 0
+    assert zero.any() and (np.asarray(fast[False][1])[zero] != 0).all()  # exact: zero slots have a gradient
+    assert (np.asarray(fast[True][1])[zero] == 0).all()
+    np.testing.assert_array_equal(np.asarray(fast[True][1])[~zero], np.asarray(fast[False][1])[~zero])
+    np.testing.assert_array_equal(fast[True][2], fast[False][2])

@@ -13,14 +13,12 @@ BatchTopK SAEs), or per-token TopK (`selection = "topk"`). AuxK, the unit-norm d
 resume state are the SparseCoder's and the mechanism's own.
 
 Speed: the mechanisms' training forward runs as it is, on a view of the coder whose `reconstruct` returns
-every prefix's reconstruction. For sparse codes each slot is decoded into its own prefix group (slots of
-latents >= width are masked, never a dense (B, n) array; `grouped_decode` gathers each decoder row once);
-dense codes (BatchTopK's rare exact fallback) decode by column blocks. Measured on CPU (bench/matryoshka.py),
-a step with 4 prefixes costs 1.6x a BatchTopK step at 576 -> 4608 and 1.8x at 768 -> 16384 (batch 4096, k 32). The rest is the
-backward: each group's decoder-gradient scatter and slot dots run over all B x 4k candidate slots with the
-other groups' slots at weight zero, because the C++ kernels (scatter_rows, gather_dots) take one row per
-token; a scatter that skips zero weights, or a gather-dot taking a per-slot row selector, would make the
-grouped backward cost about one ungrouped one.
+every prefix's reconstruction. For sparse codes each slot is decoded into its own prefix group
+(`grouped_decode`; never a dense (B, n) array); dense codes (BatchTopK's rare exact fallback) decode by
+column blocks. On a single CPU device the grouped decode and its backward are dictlearn's row-selecting C++
+kernels (scatter_rows / gather_dots with `row_of`), which skip the unselected slots (BatchTopK keeps 4k
+candidates per row, about k of them selected), so a Matryoshka step costs about a BatchTopK step
+(docs/kernels.md has the figures; `bench/matryoshka.py throughput` measures it).
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from dictlearn.decomposers.batchtopk import BatchTopKFields, BatchTopKSparsity
 from dictlearn.decomposers.sae import Codes, SparseCoder, SparseCoderConfig, Sparsity, check
 from dictlearn.decomposers.sparse_ops import CHUNK_MIN_ELEMENTS, SparseCodes, _chunks, _take_rows, scatter_rows
 from dictlearn.decomposers.topk import TopKFields, TopKSparsity
+from dictlearn.kernels import cpu as cpu_kernels
 
 SELECTIONS = ("batchtopk", "topk")
 
@@ -104,42 +103,77 @@ def _group_onehot(values: jax.Array, group: jax.Array, n_groups: int) -> jax.Arr
     return (group[:, None, :] == jnp.arange(n_groups)[None, :, None]).astype(values.dtype) * values[:, None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def grouped_decode(values: jax.Array, indices: jax.Array, group: jax.Array, n_groups: int, w_dec: jax.Array) -> jax.Array:
+def _group_rows(group: jax.Array, n_groups: int) -> jax.Array:
+    """(B, m) prefix groups -> each slot's row b * G + group in a (B * G, d) array of per-group rows."""
+    return jnp.arange(group.shape[0], dtype=jnp.int32)[:, None] * n_groups + group.astype(jnp.int32)
+
+
+def grouped_decode(values: jax.Array, indices: jax.Array, group: jax.Array, n_groups: int, w_dec: jax.Array,
+                   zero_is_unselected: bool = False) -> jax.Array:
     """out[b, g] = sum of values[b, j] * w_dec[indices[b, j]] over the slots j with group[b, j] == g: (B, G, d).
 
-    Each decoder row is gathered once per slot (not once per group); the backward reads each slot's
-    gradient from its own group's row and scatters decoder gradients group by group (dictlearn's C++
-    scatter where it applies), all O(B * slots * d) per group at most, never a dense (B, n) array."""
+    On a single CPU device, dictlearn's C++ kernels do it, forward and backward, in bucketed passes over
+    the slots that skip zero values, at about the cost of one ungrouped decode; elsewhere each decoder row
+    is gathered once per slot (not once per group), the backward reads each slot's gradient from its own
+    group's row and scatters decoder gradients group by group. Never a dense (B, n) array.
+
+    zero_is_unselected: a zero value marks a slot that was not selected, so its value gradient is 0 (and
+    costs nothing). True in the TopK family's training forward, where a zero comes from the relu or from
+    BatchTopK's batch mask, both of which pass no gradient, so the parameters' gradients are unchanged;
+    False (exact for every slot) otherwise."""
+    return _grouped_decode(values, indices, group, n_groups, w_dec, zero_is_unselected)
+
+
+def _group_rows(group: jax.Array, n_groups: int) -> jax.Array:
+    """(B, m) prefix groups -> each slot's row b * G + group in a (B * G, d) array of per-group rows."""
+    return jnp.arange(group.shape[0], dtype=jnp.int32)[:, None] * n_groups + group.astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 5))
+def _grouped_decode(values, indices, group, n_groups, w_dec, zero_is_unselected):
+    batch, d = values.shape[0], w_dec.shape[1]
+    fast = cpu_kernels.scatter_rows(values, _group_rows(group, n_groups), w_dec, batch * n_groups, row_of=indices)
+    if fast is not None:
+        return fast.reshape(batch, n_groups, d)
     return _by_chunks(lambda v, i, g: jnp.einsum("bgm,bmd->bgd", _group_onehot(v, g, n_groups), _take_rows(w_dec, i)),
                       values, indices, group)
 
 
-def _grouped_decode_fwd(values, indices, group, n_groups, w_dec):
-    return grouped_decode(values, indices, group, n_groups, w_dec), (values, indices, group, w_dec)
+def _grouped_decode_fwd(values, indices, group, n_groups, w_dec, zero_is_unselected):
+    return _grouped_decode(values, indices, group, n_groups, w_dec, zero_is_unselected), (values, indices, group, w_dec)
 
 
-def _grouped_decode_bwd(n_groups, res, d_out):
+def _grouped_decode_bwd(n_groups, zero_is_unselected, res, d_out):
     values, indices, group, w_dec = res
-    d_values = _by_chunks(lambda i, g, u: jnp.sum(jnp.take_along_axis(u, g[:, :, None], axis=1) * _take_rows(w_dec, i), -1),
-                          indices, group, d_out)
-    d_w_dec = sum(scatter_rows(values * (group == g).astype(values.dtype), indices, d_out[:, g], w_dec.shape[0])
-                  for g in range(n_groups))
+    rows, flat = _group_rows(group, n_groups), d_out.reshape(-1, d_out.shape[-1])
+    live = values != 0
+    d_values = cpu_kernels.gather_dots(flat, indices, w_dec, row_of=jnp.where(live, rows, -1) if zero_is_unselected else rows)
+    if d_values is None:
+        d_values = _by_chunks(lambda i, g, u: jnp.sum(jnp.take_along_axis(u, g[:, :, None], axis=1) * _take_rows(w_dec, i), -1),
+                              indices, group, d_out)
+        if zero_is_unselected:
+            d_values = d_values * live.astype(d_values.dtype)
+    d_w_dec = cpu_kernels.scatter_rows(values, indices, flat, w_dec.shape[0], row_of=rows)
+    if d_w_dec is None:
+        d_w_dec = sum(scatter_rows(values * (group == g).astype(values.dtype), indices, d_out[:, g], w_dec.shape[0])
+                      for g in range(n_groups))
     return d_values, None, None, d_w_dec
 
 
-grouped_decode.defvjp(_grouped_decode_fwd, _grouped_decode_bwd)
+_grouped_decode.defvjp(_grouped_decode_fwd, _grouped_decode_bwd)
 
 
-def nested_decode(codes: Codes, w_dec: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def nested_decode(codes: Codes, w_dec: jax.Array, widths: tuple[int, ...],
+                  zero_is_unselected: bool = False) -> tuple[jax.Array, jax.Array]:
     """Every prefix's decoded codes (no bias), stacked (G, B, d), and its L0 (G,).
 
-    Sparse codes: each slot decoded into its prefix group (`grouped_decode`), then a running sum over the
-    groups. Dense codes (BatchTopK's exact fallback): one matmul per column block of the decoder."""
+    Sparse codes: each slot decoded into its prefix group (`grouped_decode`, which explains
+    zero_is_unselected), then a running sum over the groups. Dense codes (BatchTopK's exact fallback): one
+    matmul per column block of the decoder."""
     n_groups = len(widths)
     if isinstance(codes, SparseCodes):
         group = prefix_groups(codes.indices, widths)
-        parts = jnp.moveaxis(grouped_decode(codes.values, codes.indices, group, n_groups, w_dec), 1, 0)
+        parts = jnp.moveaxis(grouped_decode(codes.values, codes.indices, group, n_groups, w_dec, zero_is_unselected), 1, 0)
         active = codes.values != 0
         l0 = jnp.stack([jnp.mean(jnp.sum(active & (group <= g), axis=-1).astype(jnp.float32)) for g in range(n_groups)])
     else:
@@ -161,7 +195,8 @@ class NestedView:
         return getattr(self._coder, name)
 
     def reconstruct(self, codes: Codes, x: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        stacked, l0 = nested_decode(codes, self._coder.W_dec[...], self._widths)
+        # The mechanisms' zero code values are unselected slots (relu or batch mask: no gradient).
+        stacked, l0 = nested_decode(codes, self._coder.W_dec[...], self._widths, zero_is_unselected=True)
         return stacked + self._coder.b_dec[...], l0
 
 

@@ -37,8 +37,11 @@ TOPK_TARGET = "dictlearn_cpu_top_k"
 ROW_DOTS_TARGET = "dictlearn_cpu_row_dots"
 SCATTER_ROWS_TARGET = "dictlearn_cpu_scatter_rows"
 GATHER_DOTS_TARGET = "dictlearn_cpu_gather_dots"
+SCATTER_ROWS_AT_TARGET = "dictlearn_cpu_scatter_rows_at"
+GATHER_DOTS_AT_TARGET = "dictlearn_cpu_gather_dots_at"
 HANDLERS = {MATMUL_TARGET: "DictlearnMatmulNT", TOPK_TARGET: "DictlearnTopK", ROW_DOTS_TARGET: "DictlearnRowDots",
-            SCATTER_ROWS_TARGET: "DictlearnScatterRows", GATHER_DOTS_TARGET: "DictlearnGatherDots"}  # XLA name -> C symbol
+            SCATTER_ROWS_TARGET: "DictlearnScatterRows", GATHER_DOTS_TARGET: "DictlearnGatherDots",
+            SCATTER_ROWS_AT_TARGET: "DictlearnScatterRowsAt", GATHER_DOTS_AT_TARGET: "DictlearnGatherDotsAt"}  # XLA name -> C symbol
 
 
 class KernelBuildError(RuntimeError):
@@ -183,25 +186,39 @@ def row_dots(a: jax.Array, b: jax.Array) -> jax.Array:
 # ---- scatter-add of scaled rows -----------------------------------------------------------------------
 
 
-def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int) -> jax.Array | None:
+def _f32(*arrays: jax.Array) -> bool:
+    return all(a.dtype == jnp.float32 for a in arrays)
+
+
+def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, n: int,
+                 row_of: jax.Array | None = None) -> jax.Array | None:
     """out[i] = sum over (b, j) with indices[b, j] == i of weights[b, j] * rows[b]  ->  (n, d), no gradient.
-    None where the kernel does not apply (the caller uses XLA's scatter). Indices must lie in [0, n)."""
-    if (weights.ndim != 2 or indices.shape != weights.shape or rows.ndim != 2 or rows.shape[0] != weights.shape[0]
-            or weights.dtype != jnp.float32 or rows.dtype != jnp.float32 or not enabled()):
+    With `row_of` (B, k), rows[row_of[b, j]] replaces rows[b] (rows is then any (R, d)). Slots of weight
+    zero are skipped (BatchTopK's unselected candidates cost nothing). None where the kernel does not apply
+    (the caller uses XLA's scatter). Indices must lie in [0, n), row_of in [0, R)."""
+    if (weights.ndim != 2 or indices.shape != weights.shape or rows.ndim != 2 or not _f32(weights, rows)
+            or (row_of is None and rows.shape[0] != weights.shape[0]) or (row_of is not None and row_of.shape != weights.shape)
+            or not enabled()):
         return None
     out = jax.ShapeDtypeStruct((n, rows.shape[1]), jnp.float32)
-    return _call(SCATTER_ROWS_TARGET, out, weights, indices.astype(jnp.int32), rows)
+    if row_of is None:
+        return _call(SCATTER_ROWS_TARGET, out, weights, indices.astype(jnp.int32), rows)
+    return _call(SCATTER_ROWS_AT_TARGET, out, weights, indices.astype(jnp.int32), rows, row_of.astype(jnp.int32))
 
 
 # ---- dot products with gathered rows ------------------------------------------------------------------
 
 
-def gather_dots(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array | None:
-    """out[b, j] = <rows[b], table[indices[b, j]]>  ->  (B, k), no gradient. None where the kernel does not
-    apply (the caller uses XLA's gather). Indices must lie in [0, n)."""
-    if (rows.ndim != 2 or indices.ndim != 2 or indices.shape[0] != rows.shape[0] or table.ndim != 2
-            or table.shape[1] != rows.shape[1] or rows.dtype != jnp.float32 or table.dtype != jnp.float32
-            or not enabled()):
+def gather_dots(rows: jax.Array, indices: jax.Array, table: jax.Array, row_of: jax.Array | None = None) -> jax.Array | None:
+    """out[b, j] = <rows[b], table[indices[b, j]]>  ->  (B, k), no gradient. With `row_of` (B, k),
+    rows[row_of[b, j]] replaces rows[b] (rows is then any (R, d)), and a slot with row_of -1 gets 0
+    without any work. None where the kernel does not apply (the caller uses XLA's gather). Indices must lie
+    in [0, n), row_of in [-1, R)."""
+    if (rows.ndim != 2 or indices.ndim != 2 or table.ndim != 2 or table.shape[1] != rows.shape[1]
+            or (row_of is None and indices.shape[0] != rows.shape[0]) or (row_of is not None and row_of.shape != indices.shape)
+            or not _f32(rows, table) or not enabled()):
         return None
-    return _call(GATHER_DOTS_TARGET, jax.ShapeDtypeStruct(indices.shape, jnp.float32), rows, indices.astype(jnp.int32),
-                 table)
+    out = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
+    if row_of is None:
+        return _call(GATHER_DOTS_TARGET, out, rows, indices.astype(jnp.int32), table)
+    return _call(GATHER_DOTS_AT_TARGET, out, rows, indices.astype(jnp.int32), table, row_of.astype(jnp.int32))

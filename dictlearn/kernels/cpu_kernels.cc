@@ -10,9 +10,15 @@
 //   DictlearnScatterRows  out[i] = sum of w[b, j] * rows[b] over the (b, j) with idx[b, j] == i: the TopK
 //                      step's encoder and decoder gradients. The entries are bucketed by latent first
 //                      (a counting sort), so each output row is built in cache and written once, instead
-//                      of a read-modify-write of a whole row per entry.
+//                      of a read-modify-write of a whole row per entry; entries of weight zero (BatchTopK's
+//                      unselected candidate slots) are left out.
+//   DictlearnScatterRowsAt  the same with rows[sel[b, j]] in place of rows[b]: Matryoshka's grouped decode
+//                      (forward: out row b * G + group, reading decoder rows) and its decoder gradient
+//                      (reading each slot's own prefix group's output gradient).
 //   DictlearnGatherDots out[b, j] = <rows[b], table[idx[b, j]]>: the decoder's backward to the code values.
 //                      Bucketed the same way, so each table row is read once.
+//   DictlearnGatherDotsAt  the same with rows[sel[b, j]], and 0 where sel[b, j] is -1: Matryoshka's
+//                      backward to the code values, computed only at the selected slots.
 //   DictlearnRowDots   out[i] = <a[i], b[i]> for (n, d) arrays: the decoder's row norms and the gradient's
 //                      parallel parts. As a custom call it keeps XLA's CPU reduction fusion from pulling
 //                      the Adam update into the reduction, where it materialises every scalar constant
@@ -21,6 +27,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -181,30 +188,98 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnRowDots, RowDots,
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The signature of the bucketed kernels: (f32 (B, k) or (B, d), s32 indices, f32 table or rows, threads) -> f32.
+// The signatures of the bucketed kernels: (f32 (B, k) or (B, d), s32 indices, f32 table or rows, threads)
+// -> f32, and the same with an s32 row selector after the rows.
 static auto BindIndexed() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("threads")
-      .Ret<ffi::Buffer<ffi::F32>>();
+  return ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("threads").Ret<ffi::Buffer<ffi::F32>>();
+}
+static auto BindIndexedAt() {
+  return ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>().Attr<int64_t>("threads").Ret<ffi::Buffer<ffi::F32>>();
 }
 
-// Counting sort of entries 0..m-1 by idx[e]: the entries of index i are order[start[i] .. start[i + 1]).
-// False if an index lies outside [0, n).
-static bool BucketByIndex(const int32_t* idx, int64_t m, int64_t n, std::vector<int64_t>& start,
+// Counting sort of the entries e in 0..m-1 with keep(e) by idx[e]: the entries of index i are
+// order[start[i] .. start[i + 1]). False if an index lies outside [0, n).
+template <typename Keep>
+static bool BucketByIndex(const int32_t* idx, int64_t m, int64_t n, Keep keep, std::vector<int64_t>& start,
                           std::vector<int64_t>& order) {
   start.assign(n + 1, 0);
   for (int64_t e = 0; e < m; ++e) {
     if (idx[e] < 0 || idx[e] >= n) return false;
-    ++start[idx[e] + 1];
+    if (keep(e)) ++start[idx[e] + 1];
   }
   for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  order.resize(m);
+  order.resize(start[n]);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t e = 0; e < m; ++e) order[fill[idx[e]]++] = e;
+  for (int64_t e = 0; e < m; ++e) {
+    if (keep(e)) order[fill[idx[e]]++] = e;
+  }
   return true;
+}
+
+// Which row of the (R, d) row array entry e (of the (B, k) index array) reads: its token's row e / k,
+// or the row a (B, k) selector names.
+struct TokenRow {
+  int64_t k;
+  int64_t operator()(int64_t e) const { return e / k; }
+};
+struct SelectedRow {
+  const int32_t* sel;
+  int64_t operator()(int64_t e) const { return sel[e]; }
+};
+
+// Every v[e] in [lo, n)?
+static bool InRange(const int32_t* v, int64_t m, int64_t lo, int64_t n) {
+  for (int64_t e = 0; e < m; ++e) {
+    if (v[e] < lo || v[e] >= n) return false;
+  }
+  return true;
+}
+
+// out[i] = sum over the entries e with idx[e] == i and w[e] != 0 of w[e] * rows[row_of(e)]; out is (n, d).
+template <typename RowOf>
+static ffi::Error ScatterRowsImpl(const float* wp, const int32_t* ip, int64_t m, const float* rp, int64_t d, RowOf row_of,
+                                  int64_t threads, float* op, int64_t n, const char* name) {
+  std::vector<int64_t> start, order;
+  if (!BucketByIndex(ip, m, n, [wp](int64_t e) { return wp[e] != 0.0f; }, start, order)) {
+    return ffi::Error::InvalidArgument(std::string("cpu_kernels ") + name + ": an index is outside [0, n)");
+  }
+  ParallelRows(n, std::min<int64_t>(threads, n * d / (1 << 16)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      float* o = op + i * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
+        const int64_t e = order[s];
+        const float w = wp[e];
+        const float* r = rp + row_of(e) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) o[j] += w * r[j];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// out[e] = <rows[row_of(e)], table[idx[e]]> for every entry e (0 where row_of(e) < 0).
+template <typename RowOf>
+static ffi::Error GatherDotsImpl(const float* rp, const int32_t* ip, int64_t m, const float* tp, int64_t n, int64_t d,
+                                 RowOf row_of, int64_t threads, float* op, const char* name) {
+  std::vector<int64_t> start, order;
+  if (!BucketByIndex(ip, m, n, [&](int64_t e) { return row_of(e) >= 0; }, start, order)) {
+    return ffi::Error::InvalidArgument(std::string("cpu_kernels ") + name + ": an index is outside [0, n)");
+  }
+  if (start[n] < m) std::fill(op, op + m, 0.0f);  // some entries have no row
+  ParallelRows(n, std::min<int64_t>(threads, n * d / (1 << 16)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float* t = tp + i * d;
+      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
+        const int64_t e = order[s];
+        op[e] = Dot(rp + row_of(e) * d, t, d);
+      }
+    }
+  });
+  return ffi::Error::Success();
 }
 
 static ffi::Error ScatterRows(ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> rows,
@@ -217,32 +292,35 @@ static ffi::Error ScatterRows(ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S3
       rd[0] != wd[0] || rd[1] != od[1]) {
     return ffi::Error::InvalidArgument("cpu_kernels scatter_rows: expected weights and indices (B, k), rows (B, d), out (n, d)");
   }
-  const int64_t batch = wd[0], k = wd[1], d = rd[1], n = od[0];
-  const float* wp = weights.typed_data();
-  const int32_t* ip = indices.typed_data();
-  const float* rp = rows.typed_data();
-  float* op = out->typed_data();
-  std::vector<int64_t> start, order;
-  if (!BucketByIndex(ip, batch * k, n, start, order)) {
-    return ffi::Error::InvalidArgument("cpu_kernels scatter_rows: an index is outside [0, n)");
-  }
-  ParallelRows(n, std::min<int64_t>(threads, n * d / (1 << 16)), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      float* o = op + i * d;
-      std::fill(o, o + d, 0.0f);
-      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
-        const int64_t e = order[s];
-        const float w = wp[e];
-        const float* r = rp + (e / k) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) o[j] += w * r[j];
-      }
-    }
-  });
-  return ffi::Error::Success();
+  return ScatterRowsImpl(weights.typed_data(), indices.typed_data(), wd[0] * wd[1], rows.typed_data(), rd[1],
+                         TokenRow{wd[1]}, threads, out->typed_data(), od[0], "scatter_rows");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnScatterRows, ScatterRows, BindIndexed());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnScatterRows, ScatterRows,
+                              BindIndexed());
+
+static ffi::Error ScatterRowsAt(ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> rows,
+                                ffi::Buffer<ffi::S32> row_of, int64_t threads, ffi::ResultBuffer<ffi::F32> out) {
+  auto wd = weights.dimensions();
+  auto id = indices.dimensions();
+  auto sd = row_of.dimensions();
+  auto rd = rows.dimensions();
+  auto od = out->dimensions();
+  if (wd.size() != 2 || id.size() != 2 || sd.size() != 2 || rd.size() != 2 || od.size() != 2 || wd[0] != id[0] ||
+      wd[1] != id[1] || sd[0] != wd[0] || sd[1] != wd[1] || rd[1] != od[1]) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels scatter_rows_at: expected weights, indices and row selector (B, k), rows (R, d), out (n, d)");
+  }
+  const int64_t m = wd[0] * wd[1];
+  if (!InRange(row_of.typed_data(), m, 0, rd[0])) {
+    return ffi::Error::InvalidArgument("cpu_kernels scatter_rows_at: a row selector is outside [0, R)");
+  }
+  return ScatterRowsImpl(weights.typed_data(), indices.typed_data(), m, rows.typed_data(), rd[1],
+                         SelectedRow{row_of.typed_data()}, threads, out->typed_data(), od[0], "scatter_rows_at");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnScatterRowsAt, ScatterRowsAt,
+                              BindIndexedAt());
 
 static ffi::Error GatherDots(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> table,
                              int64_t threads, ffi::ResultBuffer<ffi::F32> out) {
@@ -252,25 +330,31 @@ static ffi::Error GatherDots(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> i
   if (rd.size() != 2 || id.size() != 2 || td.size() != 2 || id[0] != rd[0] || td[1] != rd[1]) {
     return ffi::Error::InvalidArgument("cpu_kernels gather_dots: expected rows (B, d), indices (B, k), table (n, d)");
   }
-  const int64_t k = id[1], d = rd[1], n = td[0];
-  const float* rp = rows.typed_data();
-  const int32_t* ip = indices.typed_data();
-  const float* tp = table.typed_data();
-  float* op = out->typed_data();
-  std::vector<int64_t> start, order;
-  if (!BucketByIndex(ip, id[0] * k, n, start, order)) {
-    return ffi::Error::InvalidArgument("cpu_kernels gather_dots: an index is outside [0, n)");
-  }
-  ParallelRows(n, std::min<int64_t>(threads, n * d / (1 << 16)), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const float* t = tp + i * d;
-      for (int64_t s = start[i]; s < start[i + 1]; ++s) {
-        const int64_t e = order[s];
-        op[e] = Dot(rp + (e / k) * d, t, d);
-      }
-    }
-  });
-  return ffi::Error::Success();
+  return GatherDotsImpl(rows.typed_data(), indices.typed_data(), id[0] * id[1], table.typed_data(), td[0], td[1],
+                        TokenRow{id[1]}, threads, out->typed_data(), "gather_dots");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnGatherDots, GatherDots, BindIndexed());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnGatherDots, GatherDots,
+                              BindIndexed());
+
+static ffi::Error GatherDotsAt(ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::F32> table,
+                               ffi::Buffer<ffi::S32> row_of, int64_t threads, ffi::ResultBuffer<ffi::F32> out) {
+  auto rd = rows.dimensions();
+  auto id = indices.dimensions();
+  auto sd = row_of.dimensions();
+  auto td = table.dimensions();
+  if (rd.size() != 2 || id.size() != 2 || sd.size() != 2 || td.size() != 2 || sd[0] != id[0] || sd[1] != id[1] ||
+      td[1] != rd[1]) {
+    return ffi::Error::InvalidArgument(
+        "cpu_kernels gather_dots_at: expected rows (R, d), indices and row selector (B, k), table (n, d)");
+  }
+  const int64_t m = id[0] * id[1];
+  if (!InRange(row_of.typed_data(), m, -1, rd[0])) {
+    return ffi::Error::InvalidArgument("cpu_kernels gather_dots_at: a row selector is outside [-1, R)");
+  }
+  return GatherDotsImpl(rows.typed_data(), indices.typed_data(), m, table.typed_data(), td[0], td[1],
+                        SelectedRow{row_of.typed_data()}, threads, out->typed_data(), "gather_dots_at");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnGatherDotsAt, GatherDotsAt,
+                              BindIndexedAt());
