@@ -9,7 +9,7 @@ SmolLM2 through circuit-tracer, offline.
 circuit-tracer (decoderesearch, PyPI `circuit-tracer`) pins transformers <= 4.57.3 and dictlearn needs >= 5, so
 it lives in its own venv: $DICTLEARN_CIRCUIT_TRACER_VENV, default /tmp/peers/circuit-tracer. --make-venv runs
 `python -m venv` there and pip-installs torch (from the PyTorch CPU index when it answers, else as pip finds
-it; --torch names another requirement or a wheel file) and circuit-tracer.
+it; --torch names another requirement or a wheel file), circuit-tracer and an nnsight it can import (NNSIGHT).
 
 The dictionaries are constructed, not trained (random encoder directions scaled to the data, biases from the
 data, a few percent of latents firing): the check is of the computation, which does not depend on training.
@@ -40,6 +40,9 @@ CORPUS = ASSETS / "english-corpus.jsonl.gz"
 VENV = Path(os.environ.get("DICTLEARN_CIRCUIT_TRACER_VENV", "/tmp/peers/circuit-tracer"))
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 MAKE_VENV = "python3 bench/circuit_tracer_check.py --make-venv"
+# circuit-tracer 0.5.0 asks for nnsight>=0.6.0 but imports nnsight.intervention.tracing, gone in nnsight 0.8:
+# its nnsight backend (the one that takes a local model folder) needs a 0.6 release.
+NNSIGHT = "nnsight>=0.6,<0.7"
 
 
 # ---- the peer venv -------------------------------------------------------------------------------------------------
@@ -72,7 +75,7 @@ def make_venv(venv: Path, torch_req: str) -> int:
     if not index:
         print(f"  ({TORCH_CPU_INDEX} not used: unreachable, or a wheel file was given)")
     sh(pip, "install", *index, torch_req)
-    sh(pip, "install", "circuit-tracer")
+    sh(pip, "install", "circuit-tracer", NNSIGHT)
     print(f"circuit-tracer venv ready: {venv}")
     return 0
 
@@ -297,36 +300,46 @@ def peer_inputs(acts: dict[str, np.ndarray], n_layers: int) -> np.ndarray:
 
 
 def hf4_folder(loaded_folder: Path, out: Path) -> Path:
-    """The dequantised SmolLM2 folder as transformers 4.57 reads it: transformers 5 writes the RoPE base under
-    `rope_parameters`, which 4.57 ignores (it would use rope_theta 10000 instead of SmolLM2's 100000)."""
+    """The dequantised SmolLM2 folder as transformers 4.57 (circuit-tracer's) reads it, weights linked: transformers 5
+    writes the RoPE base under `rope_parameters`, which 4.57 ignores (it would use 10000, not SmolLM2's 100000), and
+    names the tokenizer class `TokenizersBackend`, which 4.57 does not know (PreTrainedTokenizerFast reads the same
+    tokenizer.json)."""
     out.mkdir(parents=True, exist_ok=True)
     for p in loaded_folder.iterdir():
-        if p.name != "config.json" and not (out / p.name).exists():
+        if p.name not in ("config.json", "tokenizer_config.json") and not (out / p.name).exists():
             (out / p.name).symlink_to(p.resolve())
     cfg = json.loads((loaded_folder / "config.json").read_text())
-    rope = cfg.get("rope_parameters") or {}
-    cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    cfg.setdefault("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok = json.loads((loaded_folder / "tokenizer_config.json").read_text())
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=1))
     return out
 
 
 def main_check(args) -> int:
+    python = peer_python(args.venv)
+    if python is None:
+        print(f"no circuit-tracer venv at {args.venv}: create it with `{MAKE_VENV}`", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="ct-check-") as tmp:
+        return check(args, python, Path(tmp))
+
+
+def check(args, python: Path, tmp: Path) -> int:
+    """Exports on SmolLM2 activations, circuit-tracer's encodings of them, the differences; then the graph."""
     import torch
 
     from dictlearn.activations.models import default_cache_dir, load_model
     from dictlearn.decomposers import base
     from dictlearn.export.circuit_tracer import write_clt, write_transcoder_set
 
-    python = peer_python(args.venv)
-    if python is None:
-        print(f"no circuit-tracer venv at {args.venv}: create it with `{MAKE_VENV}`", file=sys.stderr)
-        return 2
     loaded = load_model(str(SMOL_GGUF))
     n_model = loaded.model.config.num_hidden_layers
     layers = [0, 1, 2]
     acts = smol_activations(loaded, layers, n_seq=args.seqs, ctx=args.ctx)
     d = acts["mlp_in.0"].shape[1]
-    tmp = Path(tempfile.mkdtemp(prefix="ct-check-"))
 
     def tc(kind, sparsity, layer, seed):
         m = base.build(kind, dict(d_in=d, d_out=d, n_features=args.width, sparsity=sparsity, k=8,

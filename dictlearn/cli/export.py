@@ -88,7 +88,7 @@ def circuit_tracer_stage(run, names: list[str], n_layers: int, options: dict, fo
     skip path), each written to `<out_dir>/export/<set name>/` unless up to date. Returns set name -> folder."""
     from dictlearn.cli.evaluate import load_saved
     from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
-    from dictlearn.export.circuit_tracer import CONFIG_FILE as CT_CONFIG, plan_transcoder_sets, write_transcoder_set
+    from dictlearn.export.circuit_tracer import plan_transcoder_sets, write_transcoder_set
     from dictlearn.run import mark_done, up_to_date
 
     modules = load_saved(run, names)
