@@ -86,12 +86,18 @@ def circuit_tracer_stage(run, names: list[str], n_layers: int, options: dict, fo
                          ) -> dict[str, Path]:
     """The run's per-layer transcoders, grouped into circuit-tracer transcoder sets (one per hooks, width and
     skip path), each written to `<out_dir>/export/<set name>/` unless up to date. Returns set name -> folder."""
+    import json
+
     from dictlearn.cli.evaluate import load_saved
-    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
+    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE, REGISTRY
     from dictlearn.export.circuit_tracer import plan_transcoder_sets, write_transcoder_set
     from dictlearn.run import mark_done, up_to_date
 
-    modules = load_saved(run, names)
+    def per_layer_transcoder(name: str) -> bool:  # from config.json alone: only these are loaded
+        cls = REGISTRY.get(json.loads((run.decomposer_dir(name) / CONFIG_FILE).read_text()).get("kind"))
+        return bool(getattr(cls, "transcoder", False)) and not getattr(cls, "site_axis", False)
+
+    modules = load_saved(run, [n for n in names if per_layer_transcoder(n)])
     plans, skipped = plan_transcoder_sets(modules)
     for what, why in skipped.items():
         log(f"export: circuit-tracer: left out {what}: {why}")
