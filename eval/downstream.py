@@ -6,6 +6,10 @@ For each held-out sequence the model runs three ways:
             the activation at `hookpoint_in` in the same forward (an SAE reads and writes one place; a
             transcoder reads the MLP input and writes the MLP output; semi-NMF rewrites the MLP hidden layer);
   ablated   the activation at `hookpoint_out` replaced by zeros.
+A decomposer with a site axis (a cross-layer transcoder) is the replacement model: in one forward every output
+site it covers (mlp_out.l) is replaced, each from the latents of its input sites 0..l (mlp_in) encoded as the
+forward reaches them, so layer l reads a residual stream the replacements of earlier layers have already changed;
+its ablated run zeroes every output site at once.
 Positions holding a special token (the cache's `excluded_token_ids`: BOS, EOS, ...) keep their real activation
 in both interventions, are never zeroed, and are left out of every average, as the cache leaves them out.
 
@@ -17,7 +21,7 @@ Metrics, averaged over the next-token predictions t of non-special positions (SA
   kl_score        = (kl_ablated - kl_spliced) / kl_ablated
 
 Speed. The clean pass runs once per batch of sequences and also records the input and call arguments of every
-decoder block; the ablated pass runs once per distinct `hookpoint_out`; both are shared by every decomposer.
+decoder block; the ablated pass runs once per distinct set of written hookpoints; both are shared by every decomposer.
 Ablated and spliced passes resume from the recorded block input (blocks L..end with their recorded arguments,
 final norm, LM head) instead of re-running the layers below L. The resumed forward is checked against the clean
 logits on the first batch and replaced by full forwards, with a message, if it fails or disagrees.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +41,7 @@ from flax import nnx
 
 from dictlearn.activations import families
 from dictlearn.activations import hookpoints as hpmod
-from dictlearn.eval.reconstruction import reconstruct
+from dictlearn.eval.reconstruction import has_site_axis, reconstruct, site_hookpoints
 
 RESUME_TOLERANCE = 1e-3  # max |logit difference| between resumed and full forward to trust resuming
 
@@ -106,39 +110,116 @@ def reconstruction_fn(decomposer: nnx.Module) -> Callable[[np.ndarray], np.ndarr
     return lambda x: np.asarray(recon(state, jnp.asarray(x)))
 
 
-def _through(fn: Callable[[np.ndarray], np.ndarray], act: torch.Tensor) -> torch.Tensor:
-    flat = act.detach().reshape(-1, act.shape[-1]).to(torch.float32).cpu().numpy()
-    out = np.array(fn(flat), dtype=np.float32)  # a writable copy for torch
-    return torch.from_numpy(out).reshape(*act.shape[:-1], out.shape[-1]).to(act.dtype).to(act.device)
+def _flat(act: torch.Tensor) -> np.ndarray:
+    return act.detach().reshape(-1, act.shape[-1]).to(torch.float32).cpu().numpy()
+
+
+def _back(out: Any, like: torch.Tensor) -> torch.Tensor:
+    out = np.array(out, dtype=np.float32)  # a writable copy for torch
+    return torch.from_numpy(out).reshape(*like.shape[:-1], out.shape[-1]).to(like.dtype).to(like.device)
+
+
+class SingleSite:
+    """One hookpoint read, one written: the output is the reconstruction of the input read in the same forward."""
+
+    def __init__(self, decomposer: nnx.Module):
+        self.fn = reconstruction_fn(decomposer)
+        self.x: np.ndarray | None = None
+
+    def read(self, site: int, x: np.ndarray) -> None:
+        self.x = x
+
+    def write(self, site: int) -> np.ndarray:
+        x, self.x = self.x, None
+        return self.fn(x)
+
+
+class SiteAxis:
+    """A decomposer over S sites (a cross-layer transcoder), run as the model runs.
+
+    When input site i is reached its latents are encoded from the activation there, in this forward (so from
+    a residual stream the replacements of earlier sites have already changed); output site j is decoded from
+    the latents of sites 0..j read so far. This relies on what the site-axis contract promises: site i's
+    latents depend on input site i only, and output j on the latents of sites <= j. Only encode and decode are
+    used: the input stack holds zeros at sites not read yet, the latent stack zeros at sites not encoded."""
+
+    def __init__(self, decomposer: nnx.Module, n_sites: int):
+        graphdef, state = nnx.split(decomposer)
+        self.n_sites, self.d_in = n_sites, int(decomposer.config.d_in)
+        self.codes: dict[int, jax.Array] = {}
+
+        @jax.jit
+        def encode_site(state, x, i):
+            stack = jnp.zeros((x.shape[0], n_sites, x.shape[1]), x.dtype)
+            codes = nnx.merge(graphdef, state).encode(jax.lax.dynamic_update_index_in_dim(stack, x, i, 1))
+            return jax.lax.dynamic_index_in_dim(codes, i, 1, keepdims=False)
+
+        @jax.jit
+        def decode_site(state, codes, j):
+            return jax.lax.dynamic_index_in_dim(nnx.merge(graphdef, state).decode(codes), j, 1, keepdims=False)
+
+        self._encode = lambda x, i: encode_site(state, jnp.asarray(x), i)
+        self._decode = lambda codes, j: decode_site(state, codes, j)
+
+    def read(self, site: int, x: np.ndarray) -> None:
+        self.codes[site] = self._encode(x, site)
+
+    def write(self, site: int) -> np.ndarray:
+        some = next(iter(self.codes.values()))
+        zero = jnp.zeros_like(some)
+        stack = jnp.stack([self.codes.get(i, zero) if i <= site else zero for i in range(self.n_sites)], axis=1)
+        out = np.asarray(self._decode(stack, site))
+        if site == self.n_sites - 1:
+            self.codes = {}
+        return out
 
 
 @contextlib.contextmanager
-def splice(model: torch.nn.Module, hp_in: hpmod.Hookpoint, hp_out: hpmod.Hookpoint,
-           recon: Callable[[np.ndarray], np.ndarray], keep: torch.Tensor) -> Iterator[None]:
-    """Within the block, the activation at hp_out is recon(activation at hp_in) where keep (B, T) is True.
-
-    For hp_in != hp_out the input is captured first in the same forward (hp_in must come earlier)."""
+def splice(model: torch.nn.Module, hps_in: list[hpmod.Hookpoint], hps_out: list[hpmod.Hookpoint],
+           replacement: SingleSite | SiteAxis, keep: torch.Tensor) -> Iterator[None]:
+    """Within the block, the activation at every output site j is the decomposer's reconstruction from the
+    activations at input sites 0..j of the same forward, where keep (B, T) is True (one site: an SAE rewrites
+    the place it reads, a transcoder reads the MLP input and replaces the MLP output; S sites: the replacement
+    model of a cross-layer transcoder, every covered MLP output replaced at once)."""
     mask = keep.unsqueeze(-1)
-    if hp_in.name == hp_out.name:
-        with hpmod.intervene(model, hp_out, lambda a: torch.where(mask, _through(recon, a), a)):
-            yield
-        return
-    with hpmod.capture(model, [hp_in]) as acts:
+    read: set[int] = set()
+    hooks = contextlib.ExitStack()
 
-        def replace(a: torch.Tensor) -> torch.Tensor:
-            if hp_in.name not in acts:  # popped after each use, so a stale input is never reused
-                raise DownstreamError(f"{hp_out.name} ran before {hp_in.name}: a decomposer must read a hookpoint that "
-                                      "comes before the one it writes")
-            return torch.where(mask, _through(recon, acts.pop(hp_in.name)), a)
+    def reader(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(a: torch.Tensor) -> torch.Tensor:
+            replacement.read(i, _flat(a))
+            read.add(i)
+            return a
+        return fn
 
-        with hpmod.intervene(model, hp_out, replace):
-            yield
+    def writer(j: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(a: torch.Tensor) -> torch.Tensor:
+            missing = [hps_in[i].name for i in range(j + 1) if i not in read]
+            if missing:  # inputs are forgotten after the last output, so a stale one is never reused
+                raise DownstreamError(f"{hps_out[j].name} ran before {', '.join(missing)}: a decomposer must read "
+                                      "a hookpoint that comes before the one it writes")
+            if j == len(hps_out) - 1:
+                read.clear()
+            return torch.where(mask, _back(replacement.write(j), a), a)
+        return fn
+
+    with hooks:
+        for i, (h_in, h_out) in enumerate(zip(hps_in, hps_out)):
+            if h_in.name == h_out.name:  # reads and rewrites the same place
+                hooks.enter_context(hpmod.intervene(model, h_out, lambda a, i=i: writer(i)(reader(i)(a))))
+            else:
+                hooks.enter_context(hpmod.intervene(model, h_in, reader(i)))
+                hooks.enter_context(hpmod.intervene(model, h_out, writer(i)))
+        yield
 
 
 @contextlib.contextmanager
-def zero_ablate(model: torch.nn.Module, hp_out: hpmod.Hookpoint, keep: torch.Tensor) -> Iterator[None]:
+def zero_ablate(model: torch.nn.Module, hps_out: list[hpmod.Hookpoint], keep: torch.Tensor) -> Iterator[None]:
+    """Within the block, the activation at every hookpoint of hps_out is zero where keep (B, T) is True."""
     mask = keep.unsqueeze(-1)
-    with hpmod.intervene(model, hp_out, lambda a: torch.where(mask, torch.zeros_like(a), a)):
+    with contextlib.ExitStack() as hooks:
+        for hp in hps_out:
+            hooks.enter_context(hpmod.intervene(model, hp, lambda a: torch.where(mask, torch.zeros_like(a), a)))
         yield
 
 
@@ -207,11 +288,29 @@ def _resume_problem(resumer: ResumedForward, inputs: dict[int, torch.Tensor], la
 @dataclass
 class _Entry:
     name: str
-    hp_in: hpmod.Hookpoint
-    hp_out: hpmod.Hookpoint
-    layer: int | None
-    recon: Callable[[np.ndarray], np.ndarray]
+    hps_in: list[hpmod.Hookpoint]  # one per site, in site order
+    hps_out: list[hpmod.Hookpoint]
+    layer: int | None  # the first decoder block any of them lives in (where resumed forwards start)
+    replacement: SingleSite | SiteAxis
     sums: _Sums = field(default_factory=_Sums)
+
+    @property
+    def outs(self) -> tuple[str, ...]:
+        """What the ablated run zeroes: every hookpoint the decomposer writes."""
+        return tuple(h.name for h in self.hps_out)
+
+
+def _entry(name: str, d: nnx.Module, resolved: dict[str, hpmod.Hookpoint]) -> _Entry:
+    """A decomposer's hookpoints in this model (widths checked) and how it is spliced in."""
+    names_in, names_out = site_hookpoints(d)
+    hps_in, hps_out = [resolved[h] for h in names_in], [resolved[h] for h in names_out]
+    for hps, width, what in ((hps_in, d.config.d_in, "d_in"), (hps_out, d.config.d_out, "d_out")):
+        for hp in hps:
+            if hp.width != width:
+                raise DownstreamError(f"decomposer {name!r}: {what} = {width} but {hp.name} has width {hp.width} in this model")
+    layers = [h.layer for h in hps_in + hps_out]
+    replacement = SiteAxis(d, len(hps_in)) if has_site_axis(d) else SingleSite(d)
+    return _Entry(name, hps_in, hps_out, None if None in layers else min(layers), replacement)
 
 
 def evaluate_downstream(
@@ -226,8 +325,9 @@ def evaluate_downstream(
 ) -> dict[str, DownstreamResult]:
     """Clean / spliced / ablated next-token CE and KL of every decomposer on `sequences` (n, T) token ids.
 
-    Decomposers are given by name; their configs name the hookpoints (hookpoint_in, hookpoint_out). Returns
-    one DownstreamResult per name. `progress(n_sequences)` is called after each batch. `keep` (n, T) bool: the
+    Decomposers are given by name; their configs name the hookpoints (hookpoints_in(), hookpoints_out(): one of
+    each, or one per site for a site-axis kind, all spliced into the same forward). Returns one DownstreamResult
+    per name. `progress(n_sequences)` is called after each batch. `keep` (n, T) bool: the
     positions the cache kept (`harvest.kept_positions`: no padding, sink or other roles); by default the
     positions whose token is not in `excluded_token_ids`."""
     if len(sequences) == 0:
@@ -235,21 +335,13 @@ def evaluate_downstream(
     seqs = torch.as_tensor(np.asarray(sequences), dtype=torch.long)
     if seqs.ndim != 2 or seqs.shape[1] < 2:
         raise DownstreamError(f"sequences must be (n, T) token ids with T >= 2, got shape {tuple(seqs.shape)}")
-    names = sorted({h for d in decomposers.values() for h in (d.config.hookpoint_in, d.config.hookpoint_out)})
+    names = sorted({h for d in decomposers.values() for hps in site_hookpoints(d) for h in hps})
     try:
         resolved = {h.name: h for h in hpmod.resolve(model, names)}
     except hpmod.HookpointError as e:
         raise DownstreamError(f"a decomposer's hookpoint is not in the model: {e}") from e
-    entries = []
-    for name, d in decomposers.items():
-        hp_in, hp_out = resolved[d.config.hookpoint_in], resolved[d.config.hookpoint_out]
-        for hp, width, what in ((hp_in, d.config.d_in, "d_in"), (hp_out, d.config.d_out, "d_out")):
-            if hp.width != width:
-                raise DownstreamError(f"decomposer {name!r}: {what} = {width} but {hp.name} has width {hp.width} in this model")
-        layers = [h.layer for h in (hp_in, hp_out)]
-        layer = None if None in layers else min(layers)
-        entries.append(_Entry(name, hp_in, hp_out, layer, reconstruction_fn(d)))
-    outs = sorted({e.hp_out.name for e in entries})
+    entries = [_entry(name, d, resolved) for name, d in decomposers.items()]
+    outs = sorted({e.outs for e in entries})
     layers_needed = sorted({e.layer for e in entries if e.layer is not None})
     resumer = None
     if resume and layers_needed:
@@ -288,12 +380,12 @@ def evaluate_downstream(
                 return hpmod.run_forward(model, ids).logits
 
             for o in outs:
-                layer = min((e.layer for e in entries if e.hp_out.name == o and e.layer is not None), default=None)
-                with zero_ablate(model, resolved[o], keep_b):
+                layer = min((e.layer for e in entries if e.outs == o and e.layer is not None), default=None)
+                with zero_ablate(model, [resolved[h] for h in o], keep_b):
                     logp, ce = _next_token_ce(run(layer), ids)
                 ablated[o].add(ce, _kl(clean_logp, clean_p, logp), valid)
             for e in entries:
-                with splice(model, e.hp_in, e.hp_out, e.recon, keep_b):
+                with splice(model, e.hps_in, e.hps_out, e.replacement, keep_b):
                     logp, ce = _next_token_ce(run(e.layer), ids)
                 e.sums.add(ce, _kl(clean_logp, clean_p, logp), valid)
         if progress is not None:
@@ -303,8 +395,8 @@ def evaluate_downstream(
         raise DownstreamError("every position of the downstream sequences is a special token; nothing to score")
     return {
         e.name: DownstreamResult(
-            ce_clean=clean.ce / clean.n, ce_spliced=e.sums.ce / e.sums.n, ce_ablated=ablated[e.hp_out.name].ce / clean.n,
-            kl_spliced=e.sums.kl / e.sums.n, kl_ablated=ablated[e.hp_out.name].kl / clean.n, n_tokens=clean.n,
+            ce_clean=clean.ce / clean.n, ce_spliced=e.sums.ce / e.sums.n, ce_ablated=ablated[e.outs].ce / clean.n,
+            kl_spliced=e.sums.kl / e.sums.n, kl_ablated=ablated[e.outs].kl / clean.n, n_tokens=clean.n,
             resumed=resumer is not None and e.layer is not None,
         )
         for e in entries

@@ -27,19 +27,31 @@ import torch
 from dictlearn.activations import families
 from dictlearn.activations import hookpoints as hpmod
 
-def vocab_projection(model: torch.nn.Module, hookpoint: hpmod.Hookpoint | str, directions: np.ndarray, k: int = 10,
-                     chunk: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
+def vocab_projection(model: torch.nn.Module, hookpoint: hpmod.Hookpoint | str | list[hpmod.Hookpoint | str],
+                     directions: np.ndarray, k: int = 10, chunk: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
     """(token ids (n, k), logit values (n, k)) of the tokens each direction promotes most; None if unmappable.
 
-    Directions at an MLP hidden site go through the output projection first (families.to_residual); then every
-    norm gain between there and the logits applies (families.logit_lens). Chunked over features, so projecting
-    a whole dictionary never holds more than chunk x vocab logits."""
-    name = hookpoint.name if isinstance(hookpoint, hpmod.Hookpoint) else hookpoint
+    directions (n, d) at one hookpoint, or (n, S, d) with a list of S hookpoints: a latent writing to several
+    sites (a cross-layer transcoder's) promotes what its writes add to the logits together. Directions at an
+    MLP hidden site go through the output projection first (families.to_residual); then every norm gain
+    between there and the logits applies (families.lens_gain). Chunked over features, so projecting a whole
+    dictionary never holds more than chunk x vocab logits."""
+    hps = hookpoint if isinstance(hookpoint, (list, tuple)) else [hookpoint]
+    names = [h.name if isinstance(h, hpmod.Hookpoint) else h for h in hps]
+    dirs = np.asarray(directions, np.float32)
+    dirs = dirs[:, None] if dirs.ndim == 2 else dirs
+    if dirs.shape[1] != len(names):
+        raise ValueError(f"directions have {dirs.shape[1]} sites but {len(names)} hookpoints were given")
     try:
-        where, resid = families.to_residual(model, name, directions)
-        return families.logit_lens(model, where).top_tokens(resid, k=k, chunk=chunk)
+        total = None
+        for s, name in enumerate(names):
+            where, resid = families.to_residual(model, name, dirs[:, s])
+            part = resid * families.lens_gain(model, where)
+            total = part if total is None else total + part
     except hpmod.HookpointError:
         return None
+    unembed = model.get_output_embeddings().weight.detach().float().cpu()
+    return families.LogitLens(np.ones(total.shape[1], np.float32), unembed).top_tokens(total, k=k, chunk=chunk)
 
 
 def select_features(frequency: np.ndarray, n: int, seed: int = 0) -> list[int]:
@@ -65,14 +77,18 @@ def build_cards(
     tokenizer,
     vocab: tuple[np.ndarray, np.ndarray] | None = None,
     window: tuple[int, int] = (12, 4),
+    sites: list[str] = (),
 ) -> list[dict[str, Any]]:
     """Cards of the given features.
 
     top_vals/top_rows (n_features, k): each feature's strongest activations and their row numbers among the
     evaluated rows; row_seq/row_pos map a row number to its (sequence id, position); sequence_tokens(seq_ids)
     returns the (n, context) token ids; vocab is `vocab_projection` for the same features (in this order);
-    window = (tokens before, tokens after) the activating token."""
+    window = (tokens before, tokens after) the activating token; sites: the hookpoints the latents are read at,
+    latent s * (n / S) + f being latent f of site s (a cross-layer transcoder's source layers): each card then
+    names its site and its latent there."""
     before, after = window
+    per_site = len(stats["frequency"]) // max(len(sites), 1)
     needed = sorted({int(row_seq[r]) for f in features for v, r in zip(top_vals[f], top_rows[f]) if v > 0 and r >= 0})
     tokens = dict(zip(needed, sequence_tokens(np.asarray(needed, np.int64)))) if needed else {}
     cards = []
@@ -92,6 +108,7 @@ def build_cards(
             })
         card = {
             "index": int(f),
+            **({"site": sites[f // per_site], "latent": int(f % per_site)} if sites else {}),
             "frequency": float(stats["frequency"][f]),
             "mean_activation": float(stats["mean_activation"][f]),
             "max_activation": float(stats["max_activation"][f]),
@@ -132,7 +149,7 @@ def feature_page(name: str, card: dict[str, Any]) -> str:
     if "vocab" in card:
         vocab = "<h2>Promoted tokens</h2><div class='vocab'>" + "".join(
             f"<span title='logit {v['logit']:.2f}'>{_show(v['token'])}</span>" for v in card["vocab"]) + "</div>"
-    body = (f"<p><a href='../index.html'>&larr; {html.escape(name)}</a></p><h1>Feature {card['index']}</h1>"
+    body = (f"<p><a href='../index.html'>&larr; {html.escape(name)}</a></p><h1>Feature {_title(card)}</h1>"
             f"<p>firing frequency {card['frequency']:.3g} &middot; mean activation {card['mean_activation']:.3g} "
             f"&middot; max activation {card['max_activation']:.3g}</p>{vocab}<h2>Top activating contexts</h2>"
             "<table><tr><th>activation</th><th class='l'>context (highlighted: the activating token)</th><th></th></tr>"
@@ -140,9 +157,16 @@ def feature_page(name: str, card: dict[str, Any]) -> str:
     return _page(f"{name} feature {card['index']}", body)
 
 
+def _title(card: dict[str, Any]) -> str:
+    """"12", or "12 (latent 4 of mlp_in.2)" for a decomposer over several sites."""
+    if "site" not in card:
+        return str(card["index"])
+    return f"{card['index']} (latent {card['latent']} of {html.escape(card['site'])})"
+
+
 def index_page(name: str, meta: dict[str, Any], cards: list[dict[str, Any]]) -> str:
     rows = "".join(
-        f"<tr><td class='l'><a href='features/{c['index']}.html'>{c['index']}</a></td><td>{c['frequency']:.3g}</td>"
+        f"<tr><td class='l'><a href='features/{c['index']}.html'>{_title(c)}</a></td><td>{c['frequency']:.3g}</td>"
         f"<td>{c['mean_activation']:.3g}</td><td>{c['max_activation']:.3g}</td>"
         f"<td class='l ctx'>{_show(''.join(c['contexts'][0]['tokens'])) if c['contexts'] else ''}</td>"
         f"<td class='l ctx'>{_show(' '.join(v['token'].strip() for v in c.get('vocab', [])[:5]))}</td></tr>"

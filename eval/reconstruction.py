@@ -28,6 +28,13 @@ running over the N evaluated tokens:
   dead_fraction       = #{i : p_i = 0} / n_features   (never fired on the evaluated tokens)
   dense_fraction      = #{i : p_i > 0.1} / n_features
   frequency histogram = counts of log10(p_i) over fixed bins FREQ_BIN_EDGES, dead latents counted apart.
+
+Several sites. A decomposer with `site_axis` (a cross-layer transcoder) reads x (B, S, d_in) and writes
+(B, S, d_out), one slot per site in its hookpoints order, with codes (B, S, F). The overall metrics treat a
+token's S outputs as one concatenated vector and its S*F latents as one dictionary (so fvu is the pooled
+sum_sites SSE / sum_sites variance, l0 counts the active latents of every site); `site_metrics` gives the
+same fvu, l0 and dead fraction per site (fvu of output site s; l0 and dead fraction of the latents that
+site s's encoder reads). A single-site kind is the case S = 1, with the same numbers as before.
 """
 
 from __future__ import annotations
@@ -48,21 +55,46 @@ FREQ_BIN_EDGES = np.round(np.arange(-7.0, 0.0001, 0.25), 4)
 BatchStatsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
+def has_site_axis(decomposer: nnx.Module) -> bool:
+    """Whether the decomposer's batches carry a site axis ((B, S, d): one slot per hookpoint it reads)."""
+    return bool(decomposer.site_axis)
+
+
+def site_hookpoints(decomposer: nnx.Module) -> tuple[list[str], list[str]]:
+    """(hookpoints read, hookpoints written), in site order: one of each for a single-site kind."""
+    return list(decomposer.config.hookpoints_in()), list(decomposer.config.hookpoints_out())
+
+
+def n_sites(decomposer: nnx.Module) -> int:
+    """How many sites the decomposer's latents are split over (1 unless it has a site axis)."""
+    return len(site_hookpoints(decomposer)[0]) if has_site_axis(decomposer) else 1
+
+
+def n_latents(decomposer: nnx.Module) -> int:
+    """Every latent of the decomposer: n_features per site."""
+    return int(decomposer.config.n_features) * n_sites(decomposer)
+
+
 def make_batch_stats_fn(decomposer: nnx.Module, top_k: int = 0, target_mean: np.ndarray | None = None) -> BatchStatsFn:
     """A jitted `(x, y, weight) -> sums` for one decomposer.
 
     weight (B,) is 1 for real rows and 0 for padding (so every batch has one shape and compiles once).
     With top_k > 0 it also returns each feature's top_k activations in the batch and their row indices
-    (for the feature cards), at the cost of one top_k over (n_features, B). target_mean: the reference
-    mean of the per-token explained variance (None: each batch's own mean)."""
+    (for the feature cards), at the cost of one top_k over (n_latents, B). target_mean: the reference
+    mean of the per-token explained variance ((d_out,), or (S, d_out) with a site axis; None: each batch's
+    own mean). x and y are (B, d) or, for a site-axis kind, (B, S, d)."""
     graphdef, state = nnx.split(decomposer)
-    ref = None if target_mean is None else jnp.asarray(target_mean, jnp.float32)
+    sited = has_site_axis(decomposer)
+    ref = None if target_mean is None else jnp.asarray(target_mean, jnp.float32).reshape((-1, np.shape(target_mean)[-1]))
 
     @jax.jit
     def stats(state, x, y, w):
         model = nnx.merge(graphdef, state)
         codes = model.encode(x)
-        return _batch_sums(codes, y, reconstruct(model, x, codes), w, top_k, ref)
+        y_hat = reconstruct(model, x, codes)
+        if not sited:  # one site: the same sums with a site axis of length 1
+            codes, y, y_hat = codes[:, None], y[:, None], y_hat[:, None]
+        return _batch_sums(codes, y, y_hat, w, top_k, ref)
 
     return lambda x, y, w: jax.device_get(stats(state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)))
 
@@ -80,21 +112,29 @@ def reconstruct(model: nnx.Module, x: jax.Array, codes: jax.Array | None = None)
 
 def _batch_sums(codes: jax.Array, y: jax.Array, y_hat: jax.Array, w: jax.Array, top_k: int,
                 ref_mean: jax.Array | None) -> dict[str, jax.Array]:
-    """Per-batch sums of everything the metrics need (weighted by w: padding rows count for nothing)."""
+    """Per-batch sums of everything the metrics need (weighted by w: padding rows count for nothing).
+
+    codes (B, S, F), y and y_hat (B, S, d): a token's S outputs count as one vector, its S*F latents as one
+    dictionary (latent s*F + f is latent f of site s); the *_site sums keep the sites apart."""
     y, y_hat, codes = y.astype(jnp.float32), y_hat.astype(jnp.float32), codes.astype(jnp.float32)
+    b = codes.shape[0]
     n = w.sum()
-    err2 = jnp.sum((y - y_hat) ** 2, axis=-1)
-    mean = (w[:, None] * y).sum(0) / jnp.maximum(n, 1.0)
-    centred2 = jnp.sum((y - mean) ** 2, axis=-1)
-    ev_centred2 = centred2 if ref_mean is None else jnp.sum((y - ref_mean) ** 2, axis=-1)
-    norm_in = jnp.linalg.norm(y, axis=-1)
-    norm_out = jnp.linalg.norm(y_hat, axis=-1)
-    dot = jnp.sum(y * y_hat, axis=-1)
+    err2_site = jnp.sum((y - y_hat) ** 2, axis=-1)  # (B, S)
+    err2 = err2_site.sum(1)
+    mean = (w[:, None, None] * y).sum(0) / jnp.maximum(n, 1.0)  # (S, d)
+    centred2_site = jnp.sum((y - mean) ** 2, axis=-1)
+    centred2 = centred2_site.sum(1)
+    ev_centred2 = centred2 if ref_mean is None else jnp.sum((y - ref_mean) ** 2, axis=(1, 2))
+    norm_in = jnp.sqrt(jnp.sum(y**2, axis=(1, 2)))
+    norm_out = jnp.sqrt(jnp.sum(y_hat**2, axis=(1, 2)))
+    dot = jnp.sum(y * y_hat, axis=(1, 2))
     denom = norm_in * norm_out
     cos = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
     ratio = norm_out / jnp.where(norm_in < NORM_FLOOR, 1.0, norm_in)
     ev = 1.0 - err2 / jnp.where(ev_centred2 > 0, ev_centred2, 1.0)
-    fired = (codes != 0) & (w[:, None] > 0)
+    fired_site = (codes != 0) & (w[:, None, None] > 0)  # (B, S, F)
+    fired = fired_site.reshape(b, -1)
+    flat = codes.reshape(b, -1)
     out = {
         "n": n,
         "sse": (w * err2).sum(),
@@ -108,27 +148,34 @@ def _batch_sums(codes: jax.Array, y: jax.Array, y_hat: jax.Array, w: jax.Array, 
         "xhat2_sum": (w * norm_out**2).sum(),
         "dot_sum": (w * dot).sum(),
         "l0_sum": fired.sum(dtype=jnp.float32),
-        "l1_sum": (w[:, None] * jnp.abs(codes)).sum(),
+        "l1_sum": (w[:, None] * jnp.abs(flat)).sum(),
         "fire_count": fired.sum(0, dtype=jnp.int32),
-        "act_sum": (w[:, None] * codes).sum(0),
-        "act_max": jnp.where(w[:, None] > 0, codes, -jnp.inf).max(0),
+        "act_sum": (w[:, None] * flat).sum(0),
+        "act_max": jnp.where(w[:, None] > 0, flat, -jnp.inf).max(0),
+        "sse_site": (w[:, None] * err2_site).sum(0),
+        "m2_site": (w[:, None] * centred2_site).sum(0),
     }
     if top_k:
-        k = min(top_k, codes.shape[0])
-        vals, idx = jax.lax.top_k(jnp.where(w[:, None] > 0, codes, -jnp.inf).T, k)
+        k = min(top_k, b)
+        vals, idx = jax.lax.top_k(jnp.where(w[:, None] > 0, flat, -jnp.inf).T, k)
         out["top_vals"], out["top_rows"] = vals, idx
     return out
 
 
 @dataclass
 class ReconstructionAccumulator:
-    """Adds up batch sums in float64 (Chan et al.'s pairwise merge for the total variance)."""
+    """Adds up batch sums in float64 (Chan et al.'s pairwise merge for the total variance).
+
+    n_features counts every latent (n_sites x the decomposer's n_features for a site-axis kind)."""
 
     n_features: int
     top_k: int = 0
+    n_sites: int = 1
     n: float = 0.0
-    mean: np.ndarray | None = None
+    mean: np.ndarray | None = None  # (n_sites, d) running mean of the targets
     m2: float = 0.0
+    m2_site: np.ndarray | None = None  # (n_sites,) squared deviations from the mean, per site
+    sse_site: np.ndarray | None = None  # (n_sites,) squared reconstruction error, per site
     sums: dict[str, float] = field(default_factory=dict)
     fire_count: np.ndarray | None = None
     act_sum: np.ndarray | None = None
@@ -137,6 +184,10 @@ class ReconstructionAccumulator:
     top_rows: np.ndarray | None = None  # (n_features, top_k) their global row numbers (-1: none yet)
 
     def __post_init__(self) -> None:
+        if self.n_sites < 1 or self.n_features % self.n_sites:
+            raise ValueError(f"n_features ({self.n_features}) must be a multiple of n_sites ({self.n_sites})")
+        self.m2_site = np.zeros(self.n_sites, np.float64)
+        self.sse_site = np.zeros(self.n_sites, np.float64)
         self.fire_count = np.zeros(self.n_features, np.int64)
         self.act_sum = np.zeros(self.n_features, np.float64)
         self.act_max = np.full(self.n_features, -np.inf)
@@ -149,14 +200,17 @@ class ReconstructionAccumulator:
         nb = float(s["n"])
         if nb == 0:
             return
-        mb = np.asarray(s["mean"], np.float64)
+        mb = np.asarray(s["mean"], np.float64).reshape(self.n_sites, -1)
+        m2b = np.asarray(s["m2_site"], np.float64).reshape(self.n_sites)
         if self.mean is None:
-            self.mean, self.m2 = mb, float(s["m2"])
+            self.mean, self.m2_site = mb, m2b
         else:
             total = self.n + nb
             delta = mb - self.mean
-            self.m2 += float(s["m2"]) + float(delta @ delta) * self.n * nb / total
+            self.m2_site = self.m2_site + m2b + (delta * delta).sum(1) * self.n * nb / total
             self.mean = self.mean + delta * nb / total
+        self.m2 = float(self.m2_site.sum())
+        self.sse_site = self.sse_site + np.asarray(s["sse_site"], np.float64).reshape(self.n_sites)
         self.n += nb
         for key in ("sse", "ev_sum", "cos_sum", "norm_in_sum", "norm_out_sum", "ratio_sum", "xhat2_sum", "dot_sum",
                     "l0_sum", "l1_sum"):
@@ -203,6 +257,14 @@ class ReconstructionAccumulator:
                           "dead": int((p == 0).sum())},
         }
 
+    def site_metrics(self) -> dict[str, list[float]]:
+        """fvu, l0 and dead_fraction of each site, in site order (see the module docstring)."""
+        if self.n == 0:
+            raise ValueError("no rows were evaluated: the eval split is empty or n_eval_rows is 0")
+        fired = self.fire_count.reshape(self.n_sites, -1)
+        fvu = [float(e / v) if v > 0 else float("nan") for e, v in zip(self.sse_site, self.m2_site)]
+        return {"fvu": fvu, "l0": (fired.sum(1) / self.n).tolist(), "dead_fraction": (fired == 0).mean(1).tolist()}
+
     def feature_stats(self) -> dict[str, np.ndarray]:
         """Per feature: firing frequency, mean activation when firing, max activation (0 if never fired)."""
         fired = self.fire_count > 0
@@ -219,12 +281,13 @@ def evaluate_reconstruction(
     target_mean: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ReconstructionAccumulator:
-    """Stream (x, y) batches (each at most batch_size rows) through the decomposer and accumulate.
+    """Stream (x, y) batches (each at most batch_size rows; (B, S, d) for a site-axis kind) through the
+    decomposer and accumulate.
 
     Rows are numbered in the order they arrive (the accumulator's top_rows refer to these numbers).
     target_mean: mean of y over the evaluated rows (see `explained_variance`); `mean_of` computes it."""
     fn = make_batch_stats_fn(decomposer, top_k=top_k, target_mean=target_mean)
-    acc = ReconstructionAccumulator(int(decomposer.config.n_features), top_k=top_k)
+    acc = ReconstructionAccumulator(n_latents(decomposer), top_k=top_k, n_sites=n_sites(decomposer))
     offset = 0
     for x, y in batches:
         b = x.shape[0]
@@ -234,9 +297,7 @@ def evaluate_reconstruction(
             continue
         w = np.zeros(batch_size, np.float32)
         w[:b] = 1.0
-        if b < batch_size:  # pad to one shape: a single compile
-            x = np.concatenate([x, np.zeros((batch_size - b, x.shape[1]), x.dtype)])
-            y = np.concatenate([y, np.zeros((batch_size - b, y.shape[1]), y.dtype)])
+        x, y = pad_rows(x, batch_size), pad_rows(y, batch_size)  # one shape: a single compile
         acc.add(fn(x.astype(np.float32), y.astype(np.float32), w), row_offset=offset)
         offset += b
         if progress is not None:
@@ -244,8 +305,13 @@ def evaluate_reconstruction(
     return acc
 
 
+def pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    """a with zero rows appended up to n rows."""
+    return a if len(a) == n else np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
+
+
 def mean_of(arrays: Iterable[np.ndarray]) -> np.ndarray:
-    """Column mean of a stream of (B, d) arrays, in float64 (the reference mean of explained_variance)."""
+    """Mean over rows of a stream of (B, ...) arrays, in float64 (the reference mean of explained_variance)."""
     total, n = None, 0
     for a in arrays:
         s = np.asarray(a, np.float64).sum(0)

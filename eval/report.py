@@ -82,7 +82,7 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], steering: dict
         f"(CE in nats; score = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)). "
         f"Evaluation took {_fmt(meta.get('seconds'), '{:.0f}')} s.", "",
         _table([h for _, h, _ in COLUMNS], [[_fmt(r.get(k), f) for k, _, f in COLUMNS] for r in records]),
-    ]
+    ] + per_site_section(records)
     if steering:
         rows = []
         for name, rec in steering.get("records", {}).items():
@@ -91,6 +91,8 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], steering: dict
         kl = next((rec.get("summary", {}).get("kl_target") for rec in steering.get("records", {}).values() if rec.get("summary")), None)
         parts += ["", f"## Steering (at KL {_fmt(kl, '{:g}')}, sign +1)", "",
                   _table(["vector", "kind", "hookpoint"] + [h for _, h, _ in STEERING_COLUMNS], rows)]
+        for name, why in (steering.get("skipped") or {}).items():
+            parts += ["", f"{name} is not steered: {why}"]
         judges = steering.get("judges")
         if judges:
             parts += ["", "Judges: held-out accuracy " + ", ".join(f"{k} {_fmt(v, '{:.3f}')}" for k, v in
@@ -98,6 +100,24 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], steering: dict
     if plots:
         parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(parts) + "\n"
+
+
+def per_site_section(records: list[dict[str, Any]]) -> list[str]:
+    """Report lines for the decomposers over several sites (cross-layer transcoders): FVU, L0 and dead fraction
+    of each layer; nothing when every decomposer has one site (its per-site figures are its overall ones)."""
+    rows = []
+    for r in records:
+        if (r.get("n_sites") or 1) < 2:
+            continue
+        fvu, l0, dead = (r.get(f"{k}_per_site") or {} for k in ("fvu", "l0", "dead_fraction"))
+        for (hp_in, l0_v), (hp_out, fvu_v), dead_v in zip(l0.items(), fvu.items(), dead.values()):
+            rows.append([str(r["name"]), hp_in, hp_out, _fmt(fvu_v, "{:.4f}"), _fmt(l0_v, "{:.1f}"), _fmt(dead_v, "{:.3f}")])
+    if not rows:
+        return []
+    return ["", "## Per layer", "",
+            "Decomposers over several sites, one row per layer: FVU of the output site it reconstructs; L0 and dead "
+            "fraction of the latents its encoder reads at the input site (the table above pools every layer).", "",
+            _table(["decomposer", "reads", "writes", "FVU", "L0", "dead"], rows)]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

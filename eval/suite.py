@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from dictlearn.activations.cache import ActivationCache, to_float32
+from dictlearn.eval.reconstruction import has_site_axis, n_latents, n_sites, site_hookpoints
 
 RECORDS = "records"
 SHARD_KEY = "_shard"  # per-row shard index carried through the eval batches (to name a shard in errors)
@@ -38,7 +39,7 @@ class EvalConfig:
     n_downstream_sequences: int = 16  # held-out sequences for the spliced-in loss (0 skips it)
     downstream_batch_size: int = 4  # sequences per model forward
     downstream_context: int = 0  # tokens of each sequence to use (0: the cache's context length)
-    n_feature_cards: int = 32  # cards per decomposer (a seeded sample of live features; 0 skips cards)
+    n_feature_cards: int = 32  # cards per decomposer, per layer for a cross-layer transcoder (a seeded sample of live features; 0 skips cards)
     top_k_contexts: int = 8  # top activating contexts per card
     context_before: int = 12  # tokens shown before the activating one
     context_after: int = 4  # and after it
@@ -126,6 +127,7 @@ def downstream_sequences(cache: ActivationCache, n: int, context: int = 0) -> np
 
 
 # --- the suite --------------------------------------------------------------------------------------------------
+SITE_KEYS = ("fvu", "l0", "dead_fraction")  # per-site metrics: record keys fvu_per_site, l0_per_site, ...
 DOWNSTREAM_KEYS = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_increase", "ce_loss_score", "kl_spliced",
                    "kl_ablated", "kl_score", "n_downstream_tokens")
 
@@ -141,9 +143,11 @@ def evaluate(decomposers: dict[str, Any], model: Any, cache: ActivationCache, cf
     """Score `decomposers` ({name: Decomposer}) on the held-out rows of `cache`; {name: record}.
 
     model: the LoadedModel the cache was harvested from (None is fine when `needs_model(cfg)` is False);
-    cards_dir: where feature cards go (<cards_dir>/<name>/; None: no cards)."""
+    cards_dir: where feature cards go (<cards_dir>/<name>/; None: no cards). A decomposer over several sites
+    (a cross-layer transcoder) reads stacked batches, is spliced in at every site at once, and its record adds
+    the per-site figures (`fvu_per_site`, ...: {hookpoint: value}, one entry for a single-site kind)."""
     for name, d in decomposers.items():
-        for hp in (d.config.hookpoint_in, d.config.hookpoint_out):
+        for hp in [h for hps in site_hookpoints(d) for h in hps]:
             if hp not in cache.hookpoints:
                 raise EvalError(f"decomposer {name!r} uses {hp}, which the cache at {cache.path} does not hold "
                                 f"(it holds {', '.join(cache.hookpoints)})")
@@ -164,8 +168,9 @@ def evaluate(decomposers: dict[str, Any], model: Any, cache: ActivationCache, cf
         acc, seconds = recon["acc"][n], recon["seconds"][n]
         records[n] = {
             "name": n, "kind": d.kind, "hookpoint_in": d.config.hookpoint_in, "hookpoint_out": d.config.hookpoint_out,
-            "d_in": d.config.d_in, "d_out": d.config.d_out, "n_features": d.config.n_features,
+            "d_in": d.config.d_in, "d_out": d.config.d_out, "n_features": n_latents(d), "n_sites": n_sites(d),
             **acc.metrics(),
+            **per_site(d, acc),
             **{k: down[0].get(n, {}).get(k) for k in DOWNSTREAM_KEYS},
             "steering": None,
             "seconds": {"reconstruction": seconds, "downstream": down[1] / len(decomposers),
@@ -174,18 +179,33 @@ def evaluate(decomposers: dict[str, Any], model: Any, cache: ActivationCache, cf
     return records
 
 
-def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
-    from dictlearn.eval.reconstruction import ReconstructionAccumulator, make_batch_stats_fn, mean_of
+def per_site(d: Any, acc: Any) -> dict[str, dict[str, float]]:
+    """{"fvu_per_site": {output hookpoint: fvu}, "l0_per_site": {input hookpoint: l0}, ...}: fvu belongs to the
+    site written, l0 and the dead fraction to the latents of the site read."""
+    ins, outs = site_hookpoints(d)
+    m = acc.site_metrics()
+    return {f"{k}_per_site": dict(zip(outs if k == "fvu" else ins, m[k])) for k in SITE_KEYS}
 
-    outs = sorted({d.config.hookpoint_out for d in todo.values()})
-    keys = sorted({h for d in todo.values() for h in (d.config.hookpoint_in, d.config.hookpoint_out)})
+
+def stacked(d: Any, arrays: dict[str, np.ndarray], which: int) -> np.ndarray:
+    """The decomposer's input (which=0) or target (which=1) from per-hookpoint arrays (..., d): as they are for
+    a single-site kind, stacked in site order as (..., S, d) for a site-axis kind."""
+    names = site_hookpoints(d)[which]
+    return np.stack([arrays[h] for h in names], axis=-2) if has_site_axis(d) else arrays[names[0]]
+
+
+def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
+    from dictlearn.eval.reconstruction import ReconstructionAccumulator, make_batch_stats_fn, mean_of, pad_rows
+
+    outs = sorted({h for d in todo.values() for h in site_hookpoints(d)[1]})
+    keys = sorted({h for d in todo.values() for hps in site_hookpoints(d) for h in hps})
     total = sum(q for _, q in eval_row_quota(cache, cfg.n_eval_rows))
     t0 = time.perf_counter()
     means = {o: mean_of(b[o] for b in eval_batches(cache, [o], cfg.n_eval_rows, cfg.batch_size)) for o in outs}
     shared = (time.perf_counter() - t0) / len(todo)
     top_k = cfg.top_k_contexts if cfg.n_feature_cards > 0 else 0
-    fns = {n: make_batch_stats_fn(d, top_k=top_k, target_mean=means[d.config.hookpoint_out]) for n, d in todo.items()}
-    accs = {n: ReconstructionAccumulator(int(d.config.n_features), top_k=top_k) for n, d in todo.items()}
+    fns = {n: make_batch_stats_fn(d, top_k=top_k, target_mean=stacked(d, means, 1)) for n, d in todo.items()}
+    accs = {n: ReconstructionAccumulator(n_latents(d), top_k=top_k, n_sites=n_sites(d)) for n, d in todo.items()}
     seconds = {n: shared for n in todo}
     seqs, poss = [], []
     bar = _bar(total, "reconstruction (rows)", progress)
@@ -194,10 +214,10 @@ def _reconstruction(cache, todo, cfg, log, progress) -> dict[str, Any]:
         b = len(batch["seq"])
         w = np.zeros(cfg.batch_size, np.float32)
         w[:b] = 1
-        padded = {k: _pad(v, cfg.batch_size) for k, v in batch.items() if k in keys}
+        padded = {k: pad_rows(v, cfg.batch_size) for k, v in batch.items() if k in keys}
         for n, d in todo.items():
             t = time.perf_counter()
-            sums = fns[n](padded[d.config.hookpoint_in], padded[d.config.hookpoint_out], w)
+            sums = fns[n](stacked(d, padded, 0), stacked(d, padded, 1), w)
             _check_finite(n, sums, cache, batch[SHARD_KEY])
             accs[n].add(sums, row_offset=offset)
             seconds[n] += time.perf_counter() - t
@@ -230,10 +250,6 @@ def _check_finite(name: str, sums: dict[str, Any], cache: ActivationCache, shard
                         f"check that shard with `dictlearn cache verify` or harvest again")
 
 
-def _pad(a: np.ndarray, n: int) -> np.ndarray:
-    return a if len(a) == n else np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
-
-
 def _downstream(loaded, cache, todo, cfg, log, progress) -> tuple[dict[str, dict], float]:
     from dictlearn.eval.downstream import evaluate_downstream
 
@@ -256,22 +272,40 @@ def _downstream(loaded, cache, todo, cfg, log, progress) -> tuple[dict[str, dict
 
 
 def _cards(loaded, cache, name, d, recon, cfg, folder: Path) -> None:
-    from dictlearn.activations import hookpoints as hpmod
     from dictlearn.eval.feature_cards import build_cards, select_features, vocab_projection, write_cards
 
     acc = recon["acc"][name]
     stats = acc.feature_stats()
-    picked = select_features(stats["frequency"], cfg.n_feature_cards, seed=cfg.seed)
+    ins, outs = site_hookpoints(d)
+    sites = ins if has_site_axis(d) else []  # cards of a site-axis kind name the site (layer) their latent reads
+    per = int(d.config.n_features)
+    picked = [s * per + f for s in range(n_sites(d))  # a sample per site: every layer of a CLT gets its cards
+              for f in select_features(stats["frequency"][s * per : (s + 1) * per], cfg.n_feature_cards, seed=cfg.seed)]
     vocab = None
     if picked:
-        hp = hpmod.resolve(loaded.model, [d.config.hookpoint_out], probe_widths=False)[0]
-        directions = np.asarray(d.features())[np.asarray(picked)]
-        vocab = vocab_projection(loaded.model, hp, directions, k=cfg.n_vocab_tokens)
+        written = outs if has_site_axis(d) else outs[:1]
+        vocab = vocab_projection(loaded.model, written, written_directions(d, np.asarray(picked)), k=cfg.n_vocab_tokens)
     cards = build_cards(picked, stats, acc.top_vals, acc.top_rows, recon["row_seq"], recon["row_pos"],
-                        cache.sequence_tokens, loaded.tokenizer, vocab=vocab, window=(cfg.context_before, cfg.context_after))
+                        cache.sequence_tokens, loaded.tokenizer, vocab=vocab, window=(cfg.context_before, cfg.context_after),
+                        sites=sites)
     meta = {"kind": d.kind, "hookpoint_in": d.config.hookpoint_in, "hookpoint_out": d.config.hookpoint_out,
-            "n_features": d.config.n_features, "n_tokens": int(acc.n)}
+            "n_features": n_latents(d), "n_sites": n_sites(d), "n_tokens": int(acc.n)}
     write_cards(folder, name, meta, cards, stats)
+
+
+def written_directions(d: Any, latents: np.ndarray) -> np.ndarray:
+    """What each latent writes at activation 1: (n, d_out) rows of features() for a single-site kind; (n, S, d_out)
+    for a site-axis kind, one slot per output site (decode of a one-hot code minus decode of no code, so only
+    the contract's decode is used; a cross-layer latent writes to its own layer and every later one)."""
+    if not has_site_axis(d):
+        return np.asarray(d.features())[latents]
+    import jax.numpy as jnp
+
+    count, per = n_sites(d), int(d.config.n_features)
+    one_hot = np.zeros((len(latents), count * per), np.float32)
+    one_hot[np.arange(len(latents)), latents] = 1.0
+    codes = jnp.asarray(one_hot.reshape(len(latents), count, per))
+    return np.asarray(d.decode(codes) - d.decode(jnp.zeros_like(codes[:1])), np.float32)
 
 
 def steering_config(cfg: EvalConfig):

@@ -30,11 +30,20 @@ from dictlearn.eval.steering.runs import Generations, SteeringRuns, VectorKey
 from dictlearn.eval.steering.stats import detection_auc, mean_or_none
 
 
+NOT_STEERED = ("its latents write to several layers at once, and steering adds one vector at one hookpoint, so "
+               "this version does not steer decomposers with a site axis (cross-layer transcoders)")
+
+
 def evaluate_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, Any], cache: Any = None,
                       cfg: SteeringConfig | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score steering by every decomposer, DiffMean and random directions at equal KL: the JSON form of
-    `run_steering` (what steering.json holds and the report reads)."""
-    return run_steering(model, tokenizer, decomposers, cache, cfg, log).to_json()
+    `run_steering` (what steering.json holds and the report reads), with `skipped` ({name: why}) naming the
+    decomposers left out (those with a site axis)."""
+    steerable = {n: d for n, d in decomposers.items() if not d.site_axis}
+    skipped = {n: NOT_STEERED for n in decomposers if n not in steerable}
+    if not steerable and skipped and not (cfg and cfg.hookpoints):
+        return {"records": {}, "skipped": skipped}
+    return {**run_steering(model, tokenizer, steerable, cache, cfg, log).to_json(), "skipped": skipped}
 
 
 def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, Any], cache: Any = None,
