@@ -60,15 +60,15 @@ def timed(fn, steps: int, warmup: int) -> list[float]:
 # ---- workers (run inside a peer venv: torch only) ------------------------------------------------
 
 
-def worker_sparsify(x, n_latents: int, k: int):
+def worker_sparsify(x, n_latents: int, k: int, device: str = "cpu"):
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
-    xt = torch.from_numpy(x)
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=n_latents, k=k), device="cpu", dtype=torch.float32)
+    xt = torch.from_numpy(x).to(device)
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=n_latents, k=k), device=device, dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (n_latents / 2**14) ** 0.5)  # its trainer's default lr
-    since_fired = torch.zeros(n_latents, dtype=torch.long)
+    since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
     sae.b_dec.data = xt.mean(0)
 
     def step():
@@ -77,7 +77,7 @@ def worker_sparsify(x, n_latents: int, k: int):
         dead = since_fired > 10_000_000
         total_variance = (xt - xt.mean(0)).pow(2).sum()
         out = sae(x=xt, y=xt, dead_mask=dead, total_variance=total_variance)
-        did_fire = torch.zeros(n_latents, dtype=torch.bool)
+        did_fire = torch.zeros(n_latents, dtype=torch.bool, device=device)
         did_fire[out.latent_indices.flatten()] = True
         (out.fvu + out.auxk_loss / 32 + out.multi_topk_fvu / 8).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
