@@ -169,7 +169,29 @@ def _snmf_round_trip(module, x, folder):
     np.testing.assert_array_equal(np.asarray(read_snmf(folder).encode(x)), np.asarray(module.encode(x)))
 
 
-EXPORT_CHECKS = {"linear": _linear_round_trip, "snmf": _snmf_round_trip}  # export format -> its round trip
+def _clt_round_trip(module, x, folder):
+    """circuit-tracer's CLT layout (export/circuit_tracer.py; tests/test_export_circuit_tracer.py checks it
+    fully): codes recomputed from the files as circuit-tracer does equal the module's; a TopK CLT has no form."""
+    from safetensors.numpy import load_file
+
+    from dictlearn.export.circuit_tracer import CircuitTracerFormatError, write_clt
+
+    try:
+        write_clt(module, folder)
+    except CircuitTracerFormatError as e:
+        assert "no TopK CLT" in str(e)
+        return
+    codes = np.asarray(module.encode(x))  # (B, L, F)
+    first = len(list(folder.glob("W_enc_*.safetensors"))) - codes.shape[1]  # files are indexed by model layer
+    for layer in range(codes.shape[1]):
+        e = load_file(str(folder / f"W_enc_{first + layer}.safetensors"))
+        pre = np.asarray(x)[:, layer] @ e[f"W_enc_{first + layer}"].T + e[f"b_enc_{first + layer}"]
+        theirs = pre * (pre > e[f"threshold_{first + layer}"])
+        np.testing.assert_allclose(theirs, codes[:, layer], rtol=1e-4, atol=1e-4)
+
+
+EXPORT_CHECKS = {"linear": _linear_round_trip, "snmf": _snmf_round_trip,
+                 "clt": _clt_round_trip}  # export format -> its round trip
 
 
 @pytest.mark.parametrize("kind", KINDS)
