@@ -149,7 +149,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 120
+STEPS = 60
 RUN_CONFIG = """
 out_dir = "{out}"
 [model]
@@ -230,7 +230,7 @@ def test_sigkilled_online_run_resumes_to_the_parameters_of_a_cache_run(tiny_mode
     ckdir = out / "decomposers" / "topk" / "checkpoints"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 30 for p in ckdir.iterdir()):
+        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckdir.iterdir()):
             break
         time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
@@ -275,3 +275,54 @@ def test_online_config_errors_are_sentences(tiny_model_dir, tmp_path, capsys):
     assert main(["run", str(config), "--stages", "harvest"]) == 0  # the held-out shards only
     assert main(["train", str(config), "--set", "train.source=cache"]) == 1
     assert "holds only the held-out shards of an online run" in capsys.readouterr().err
+
+
+def test_quickstart_online_config_runs_every_stage_on_smollm2(smol, tmp_path):
+    """configs/quickstart_online.toml, shrunk: harvest (held-out shards only), train from SmolLM2, eval, export."""
+    import json
+
+    from dictlearn.activations.cache import ActivationCache
+    from dictlearn.cli import main
+
+    out = tmp_path / "qs"
+    small = [f"out_dir={out}", "harvest.n_tokens=4096", "harvest.batch_size=4", "harvest.shard_mb=0.5",
+             "train.batch_size=512", "train.n_tokens=1024", "train.warmup_steps=1", "train.log_every=1",
+             "train.progress=false", "train.sample_tokens=512", "wandb.mode=disabled", "eval.n_eval_rows=256",
+             "eval.n_downstream_sequences=0", "eval.n_feature_cards=0"]
+    small = [arg for pair in zip(["--set"] * len(small), small) for arg in pair]
+    assert main(["run", str(ROOT / "configs" / "quickstart_online.toml"), *small]) == 0
+    held = ActivationCache.open(out / "cache")
+    assert held.shard_ids("train") == [] and held.rows("eval") > 0  # no train-split cache was written
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    record = metrics["decomposers"][0]
+    assert record["name"] == "topk" and 0 < record["fvu"] < 1
+
+
+@pytest.mark.slow
+def test_smollm2_online_and_cache_reach_the_same_held_out_fvu(smol, tmp_path):
+    """A TopK SAE on SmolLM2 resid_post.10, online and on a cache of the same tokens: the same batches, so the
+    same parameters and held-out FVU (the issue asks for "within noise"; on one machine it is exact)."""
+    from dictlearn.activations.cache import to_float32
+    from dictlearn.activations.corpus import CorpusConfig
+    from dictlearn.activations.harvest import HarvestConfig, harvest
+    from dictlearn.activations.online import ModelSource, OnlinePlan
+    from dictlearn.decomposers import REGISTRY
+    from dictlearn.trainers.data import CacheSource
+    from dictlearn.trainers.logging import WandbConfig
+    from dictlearn.trainers.sgd import DecomposerSpec, TrainConfig, train
+
+    corpus = CorpusConfig(path=str(CORPUS), context_length=128)
+    hcfg = HarvestConfig(hookpoints=["resid_post.10"], n_tokens=16384, shard_mb=1, eval_fraction=0.1)
+    cache = harvest(smol, corpus, hcfg, tmp_path / "cache", progress=False)
+    cfg = TrainConfig(batch_size=512, n_steps=24, lr=5e-4, warmup_steps=3, log_every=24, checkpoint_every=1000,
+                      sample_tokens=2048, progress=False)
+    x = np.concatenate([to_float32(cache.shard_arrays(i, ["resid_post.10"])["resid_post.10"]) for i in cache.shard_ids("eval")])
+    fvu = {}
+    for name, source in (("cache", CacheSource(cache, ["resid_post.10"], 512)),
+                         ("online", ModelSource(OnlinePlan(smol, corpus, hcfg), ["resid_post.10"], 512))):
+        config = REGISTRY["topk"].config_cls(d_in=576, n_features=2304, k=32, hookpoint_in="resid_post.10")
+        spec = DecomposerSpec(name="topk", kind="topk", config=config, folder=tmp_path / name / "topk")
+        d = train([spec], source, cfg, WandbConfig(mode="disabled"), log_dir=tmp_path / name).decomposers["topk"]
+        fvu[name] = float(np.sum((np.asarray(d.decode(d.encode(x))) - x) ** 2) / np.sum((x - x.mean(0)) ** 2))
+    print(f"held-out FVU: cache {fvu['cache']:.4f}, online {fvu['online']:.4f}")
+    assert fvu["online"] == pytest.approx(fvu["cache"], abs=1e-6) and fvu["cache"] < 0.9
