@@ -50,6 +50,7 @@ def online_pair(tiny_loaded, tmp_path_factory):
 
 
 def test_online_batches_equal_cache_batches_row_for_row(online_pair):
+    from dictlearn.activations.loader import BatchLoader
     from dictlearn.activations.online import ModelSource
     from dictlearn.trainers.data import CacheSource
 
@@ -67,6 +68,9 @@ def test_online_batches_equal_cache_batches_row_for_row(online_pair):
     for start in (1, per_epoch - 1, per_epoch + 2):  # resuming anywhere yields the uninterrupted batches
         assert all(_equal(x, want[start + i], KEYS) for i, x in enumerate(_take(source.iterate(start), 3)))
     assert _equal(source.batch(7), want[7], KEYS)
+    sliced = _take(source.iterate_slices(2, 2, [0, 1]), 3)  # reader slices (train.reader_slices) as the cache's
+    sliced_loader = BatchLoader(cache, KEYS, 100, seed=3, mix_shards=2, slices=2)
+    assert all(_equal(x, sliced_loader.batch(2 + i), KEYS) for i, x in enumerate(sliced))
     default = ModelSource(online, KEYS, 100, seed=3)  # the loader's default window, as CacheSource uses
     assert _equal(default.sample(300), reference.sample(300), KEYS)  # the init/scale draw too
     view = default.view(["mlp_hidden.1"], 50)  # fewer keys: the forward captures only what they need

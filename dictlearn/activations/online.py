@@ -209,6 +209,16 @@ class ModelSource:
 
     def iterate(self, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless batches from `start_batch` on; the model computes shards one window ahead in a thread."""
+        return self.iterate_slices(start_batch, 1, [0])
+
+    def iterate_slices(self, start_batch: int, slices: int, read: list[int]) -> Iterator[dict[str, np.ndarray]]:
+        """The batches CacheSource.iterate_slices gives (the parts of reader slices `read` of `slices`); the
+        model computes only those slices' shards."""
+        slicing = {"slices": slices, "read": read}
+        self._loader(self._compute_here, self.batch_size, self.seed, prefetch=0, **slicing)  # bad slicing fails now
+        return self._stream(start_batch, slicing)
+
+    def _stream(self, start_batch: int, slicing: dict) -> Iterator[dict[str, np.ndarray]]:
         stop = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=self.mix_shards)  # computed shards the loader has not taken
         held = [0]  # rows computed and not yet handed to the loader
@@ -259,7 +269,7 @@ class ModelSource:
             return arrays
 
         def run_model() -> None:
-            dry = self._loader(produce, self.batch_size, self.seed, prefetch=0)
+            dry = self._loader(produce, self.batch_size, self.seed, prefetch=0, **slicing)
             try:
                 for _ in dry.iterate(start_batch):
                     if stop.is_set():
@@ -276,7 +286,7 @@ class ModelSource:
 
         thread = threading.Thread(target=run_model, name="online-model", daemon=True)
         thread.start()
-        batches = self._loader(take, self.batch_size, self.seed, prefetch=self.prefetch).iterate(start_batch)
+        batches = self._loader(take, self.batch_size, self.seed, prefetch=self.prefetch, **slicing).iterate(start_batch)
         try:
             while True:
                 t0 = time.perf_counter()
@@ -309,9 +319,9 @@ class ModelSource:
     def _compute_here(self, i: int, keys: list[str]) -> dict[str, np.ndarray]:
         return self.online.compute(i, keys)
 
-    def _loader(self, fetch, batch_size: int, seed: int, prefetch: int) -> BatchLoader:
+    def _loader(self, fetch, batch_size: int, seed: int, prefetch: int, **slicing) -> BatchLoader:
         return BatchLoader(ComputedShards(self.online, fetch), self.keys, batch_size, split="train", seed=seed,
-                           mix_shards=self.mix_shards, prefetch=prefetch)
+                           mix_shards=self.mix_shards, prefetch=prefetch, **slicing)
 
 
 # --- the held-out shards, for the eval stage ---------------------------------------------------------------
