@@ -143,8 +143,12 @@ def test_one_layer_clt_matches_the_single_site_path(relu_gpt2):
     c = exact_clt(relu_gpt2, layers=[1])
     c.W_enc[...] = jnp.asarray(w_fc[None])
     tc = LinearReLU(w_fc, b_fc, w_proj, b_proj, hookpoint_in="mlp_in.1", hookpoint_out="mlp_out.1")
-    res = evaluate_downstream(relu_gpt2, random_ids(seed=3), {"clt": c, "tc": tc})
+    ids = random_ids(seed=3)
+    res = evaluate_downstream(relu_gpt2, ids, {"clt": c, "tc": tc})
     assert c.config.hookpoints_out() == ["mlp_out.1"]
+    # the single-site path is plain splicing: the transcoder's output from the input of the same forward
+    full = evaluate_downstream(relu_gpt2, ids, {"tc": tc}, resume=False)["tc"]
+    assert full.ce_spliced == pytest.approx(replacement_by_iteration(relu_gpt2, tc, ids, 1), abs=1e-9)
     assert res["clt"].ce_ablated == res["tc"].ce_ablated
     assert res["clt"].ce_spliced == pytest.approx(res["tc"].ce_spliced, abs=1e-6)
     assert res["clt"].kl_spliced == pytest.approx(res["tc"].kl_spliced, abs=1e-7)
