@@ -7,6 +7,8 @@ Batches are dicts of float32 arrays:
   "x"    (B, d_in)   what the decomposer reads (the activation at `hookpoint_in`)
   "y"    (B, d_out)  what it must reconstruct (the activation at `hookpoint_out`; equal to x for SAEs)
   "grad" (B, d_out)  optional: d(next-token loss)/d(activation) at the hookpoint (gradient TopK only)
+A kind with `site_axis` (a cross-layer transcoder) reads several sites: each array gains a site axis,
+(B, L, d), in the order of config.hookpoints_in() / hookpoints_out().
 """
 
 from __future__ import annotations

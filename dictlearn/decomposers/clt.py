@@ -37,23 +37,25 @@ import numpy as np
 from flax import nnx
 
 from dictlearn.decomposers.base import Decomposer, DecomposerConfig, register
-from dictlearn.decomposers.batchtopk import BatchTopKFields, kth_largest_nonneg
-from dictlearn.decomposers.jumprelu import JumpReLUFields, heaviside, jumprelu
-from dictlearn.decomposers.relu import warmup
+from dictlearn.decomposers.batchtopk import kth_largest_nonneg
+from dictlearn.decomposers.coefficient import START_ROWS, penalty_coefficient
+from dictlearn.decomposers.jumprelu import heaviside, jumprelu
 from dictlearn.decomposers.sae import DEAD_CAP, Buffer, SparseCoderConfig, Sparsity, check, geometric_median
 from dictlearn.decomposers.sparse_ops import top_k
-from dictlearn.decomposers.topk import TopKFields
 from dictlearn.decomposers.transcoder import SPARSITIES
 from dictlearn.hookpoint_names import expand_hookpoints
 
 CLT_SPARSITIES = ("topk", "batchtopk", "jumprelu")
+# The field mixins of those mechanisms, each once, in that order (as the transcoder's config gathers them).
+_FIELD_MIXINS = tuple(reversed(dict.fromkeys(f for name in CLT_SPARSITIES for f in reversed(SPARSITIES[name].fields))))
 
 
 @dataclasses.dataclass
-class CLTConfig(TopKFields, BatchTopKFields, JumpReLUFields, SparseCoderConfig):
+class CLTConfig(*_FIELD_MIXINS, SparseCoderConfig):
     """A cross-layer transcoder: `hookpoint_in`/`hookpoint_out` are layer ranges of equal length (mlp_in.0-3,
     mlp_out.0-3); `n_features` (or `expansion`) counts latents per layer; only the fields of the chosen
-    `sparsity` are used (k per layer for topk, AuxK's for topk and batchtopk)."""
+    `sparsity` are used (k per layer for topk, AuxK's for topk and batchtopk; a JumpReLU clt's target_l0 counts
+    active latents per row and layer)."""
 
     sparsity: str = "topk"  # topk (k latents per row and layer) | batchtopk (k per row and layer on average) | jumprelu
 
@@ -101,6 +103,9 @@ class LayerSparsity(nnx.Module):
 
     def after_step(self, metrics: dict[str, jax.Array]) -> None:
         """Update the mechanism's state after an optimiser step."""
+
+    def init_from_data(self, clt: CrossLayerTranscoder, x: jax.Array) -> None:
+        """Data-dependent start from a sample of (scaled) inputs (rows, L, d_in)."""
 
     def fold(self, code_scale: jax.Array) -> None:
         """Codes of layer l are about to be multiplied by code_scale[l] (L,): rescale thresholds to match."""
@@ -186,12 +191,13 @@ class BatchTopKLayers(AuxKLayers):
 
 class JumpReLULayers(LayerSparsity):
     """A learned threshold per latent and layer, log_threshold (L, F), trained against mse + l0_coefficient *
-    (active latents per row over all layers) with the JumpReLU SAE's straight-through estimators."""
+    (active latents per row over all layers) with the JumpReLU SAE's straight-through estimators; the
+    coefficient ramps up, or with target_l0 adapts until the mean active latents per row and layer reach it."""
 
     def __init__(self, config: CLTConfig):
-        self.l0_coefficient = config.l0_coefficient
-        self.l0_warmup_steps = config.l0_warmup_steps
+        self.coefficient = penalty_coefficient(config, config.l0_coefficient, config.l0_warmup_steps)
         self.bandwidth = config.bandwidth
+        self.initial_threshold = config.initial_threshold
         shape = (config.n_layers, config.n_features)
         self.log_threshold = nnx.Param(jnp.full(shape, math.log(config.initial_threshold), jnp.float32))
         self.step = Buffer(jnp.zeros((), jnp.int32))
@@ -207,10 +213,17 @@ class JumpReLULayers(LayerSparsity):
 
     def penalty(self, clt, pre, err, optional):
         l0 = jnp.mean(jnp.sum(heaviside(pre, self.thresholds(), self.bandwidth), axis=(1, 2)))
-        coef = self.l0_coefficient * warmup(self.step[...], self.l0_warmup_steps)
-        return coef * l0, {"l0_coefficient": coef}
+        coef = self.coefficient.value(self.step[...])
+        return coef * l0, {"l0_coefficient": coef, **self.coefficient.metrics()}
+
+    def init_from_data(self, clt, x):
+        """With a target L0: each layer's thresholds where the sample fires target_l0 latents per row."""
+        if clt.config.target_l0 is not None:
+            levels = jax.vmap(self.coefficient.start_levels, in_axes=1)(clt.preacts(x[:START_ROWS]))
+            self.log_threshold[...] = jnp.log(jnp.maximum(levels, self.initial_threshold))
 
     def after_step(self, metrics):
+        self.coefficient.update(metrics["l0"] / self.log_threshold.shape[0], self.step[...])
         self.step[...] = self.step[...] + 1
 
     def fold(self, code_scale):
@@ -342,6 +355,7 @@ class CrossLayerTranscoder(Decomposer):
         median = jax.vmap(lambda p: geometric_median(p, self.config.median_iters), in_axes=1)
         self.b_dec[...] = median(y)
         self.b_in[...] = median(x)
+        self.sparsity.init_from_data(self, x)
 
     def project_grads(self, grads: nnx.State) -> nnx.State:
         """Remove the part of each decoder gradient parallel to its (unit-norm, all-layer) decoder."""
