@@ -89,8 +89,11 @@ def markdown(meta: dict[str, Any], records: list[dict[str, Any]], steering: dict
             s = rec.get("summary") or {}
             rows.append([name, str(rec.get("kind")), str(rec.get("hookpoint"))] + [_fmt(s.get(k), f) for k, _, f in STEERING_COLUMNS])
         kl = next((rec.get("summary", {}).get("kl_target") for rec in steering.get("records", {}).values() if rec.get("summary")), None)
-        parts += ["", f"## Steering (at KL {_fmt(kl, '{:g}')}, sign +1)", "",
-                  _table(["vector", "kind", "hookpoint"] + [h for _, h, _ in STEERING_COLUMNS], rows)]
+        if rows:
+            parts += ["", f"## Steering (at KL {_fmt(kl, '{:g}')}, sign +1)", "",
+                      _table(["vector", "kind", "hookpoint"] + [h for _, h, _ in STEERING_COLUMNS], rows)]
+        elif steering.get("skipped"):
+            parts += ["", "## Steering"]
         for name, why in (steering.get("skipped") or {}).items():
             parts += ["", f"{name} is not steered: {why}"]
         judges = steering.get("judges")

@@ -127,6 +127,7 @@ def downstream_sequences(cache: ActivationCache, n: int, context: int = 0) -> np
 
 
 # --- the suite --------------------------------------------------------------------------------------------------
+RECORD_FORMAT = 2  # raised when records gain keys (2: n_sites and the per-site figures): older records are redone
 SITE_KEYS = ("fvu", "l0", "dead_fraction")  # per-site metrics: record keys fvu_per_site, l0_per_site, ...
 DOWNSTREAM_KEYS = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_increase", "ce_loss_score", "kl_spliced",
                    "kl_ablated", "kl_score", "n_downstream_tokens")

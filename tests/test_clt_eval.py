@@ -240,6 +240,7 @@ def test_suite_records_cards_and_report(relu_cache, tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Per layer" in md and "| clt | mlp_in.1 | mlp_out.1 |" in md and "| tc | mlp_in.2" not in md
     assert "clt is not steered: its latents write to several layers" in md
+    assert "## Steering\n" in md and "| vector |" not in md  # nothing was steered: no empty table
 
 
 def test_latent_vocab_sums_every_written_layer(relu_gpt2):

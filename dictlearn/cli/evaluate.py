@@ -49,7 +49,7 @@ def eval_stage(run, only: list[str] | None = None, force: bool = False, log=prin
     """The eval stage of `run`: evaluate what is not up to date, then write the report. Returns metrics.json."""
     from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
     from dictlearn.eval.report import json_safe, write_report
-    from dictlearn.eval.suite import RECORDS, EvalConfig, evaluate, needs_model, steering_config
+    from dictlearn.eval.suite import RECORD_FORMAT, RECORDS, EvalConfig, evaluate, needs_model, steering_config
     from dictlearn.files import atomic_write_json
     from dictlearn.run import cache_identity, mark_done, up_to_date
 
@@ -66,7 +66,7 @@ def eval_stage(run, only: list[str] | None = None, force: bool = False, log=prin
     names = run.pick_saved(cfg.decomposers, "eval")
     decomposers = load_saved(run, names)
     identity = cache_identity(cache)
-    options = run.stage_options(cfg, drop=("decomposers", "steering", "torch_threads"))
+    options = {**run.stage_options(cfg, drop=("decomposers", "steering", "torch_threads")), "record_format": RECORD_FORMAT}
 
     def inputs(name: str) -> dict[str, Any]:
         folder = run.decomposer_dir(name)
