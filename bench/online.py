@@ -148,11 +148,14 @@ def main() -> None:
     print(f"cache path: harvest {harvest_s:.1f} s ({args.n_tokens / harvest_s:,.0f} tok/s), then train {wall_c:.1f} s")
     print(f"online:     tokenise + count rows {plan_s:.1f} s, then train {wall_o:.1f} s (the model inside)")
     print()
-    print("| source | train tokens/s | trainer waits for data | model waits on full buffer | model busy | held-out FVU |")
-    print("|---|---|---|---|---|---|")
-    print(f"| cache  | {tokens / wall_c:,.0f} | {stats_c['data_wait_frac']:.1%} | - | - | {fvu_c:.4f} |")
+    print("| source | train tokens/s | trainer waits for data | model waits on full buffer | model busy | model tokens/s "
+          "| held-out FVU |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| cache  | {tokens / wall_c:,.0f} | {stats_c['data_wait_frac']:.1%} | - | - | {args.n_tokens / harvest_s:,.0f} "
+          f"(harvest) | {fvu_c:.4f} |")
     print(f"| online | {tokens / wall_o:,.0f} | {stats_o['data_wait_frac']:.1%} | {stats_o['model_wait_frac']:.1%} | "
-          f"{stats_o['model_busy_frac']:.1%} | {fvu_o:.4f} |")
+          f"{stats_o['model_busy_frac']:.1%} | {stats_o['model_tokens_per_s'] / max(stats_o['model_busy_frac'], 1e-9):,.0f} "
+          f"(while busy) | {fvu_o:.4f} |")
     print()
     print(f"largest parameter difference, online vs cache: {diff:.3g} (same batches: 0 expected on one machine)")
 

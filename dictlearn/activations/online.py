@@ -183,6 +183,8 @@ class ModelSource:
                               f"{self.batch_size}; raise harvest.n_tokens or lower train.batch_size")
         self.max_held_rows = 0
         self._counters = dict.fromkeys(("trainer_wait_s", "model_wait_s", "model_busy_s", "model_tokens"), 0.0)
+        self._counting = threading.Lock()  # the model thread and the trainer both add to the counters
+        self._open: dict[str, float] = {}  # activity -> when it began, while under way
         self._since = time.perf_counter()
 
     # --- BatchSource ------------------------------------------------------------------------------------
@@ -223,7 +225,8 @@ class ModelSource:
         ready: queue.Queue = queue.Queue(maxsize=self.mix_shards)  # computed shards the loader has not taken
         held = [0]  # rows computed and not yet handed to the loader
         lock = threading.Lock()
-        self._since = time.perf_counter()
+        with self._counting:
+            self._since, self._open = time.perf_counter(), {}
 
         def hold(n: int) -> None:
             with lock:
@@ -235,13 +238,12 @@ class ModelSource:
                 raise _Stopped()
 
         def produce(i: int, keys: list[str]) -> dict[str, np.ndarray]:  # called by the dry loader, in the model thread
-            t0 = time.perf_counter()
+            self._begin("model_busy_s")
             arrays = self.online.compute(i, keys, on_batch=check)
-            self._counters["model_busy_s"] += time.perf_counter() - t0
-            self._counters["model_tokens"] += self.online.tokens[slice(*self.online._span(i))].size
+            self._end("model_busy_s", model_tokens=self.online.tokens[slice(*self.online._span(i))].size)
             rows = len(arrays[keys[0]])
             hold(rows)
-            t0 = time.perf_counter()
+            self._begin("model_wait_s")
             while True:
                 check(0)
                 try:
@@ -249,7 +251,7 @@ class ModelSource:
                     break
                 except queue.Full:
                     continue
-            self._counters["model_wait_s"] += time.perf_counter() - t0
+            self._end("model_wait_s")
             return {k: np.empty((rows, 0), np.float32) for k in keys}  # the dry loader needs only the row count
 
         def take(i: int, keys: list[str]) -> dict[str, np.ndarray]:  # called by the loader's prefetch thread
@@ -289,9 +291,9 @@ class ModelSource:
         batches = self._loader(take, self.batch_size, self.seed, prefetch=self.prefetch, **slicing).iterate(start_batch)
         try:
             while True:
-                t0 = time.perf_counter()
+                self._begin("trainer_wait_s")
                 batch = next(batches)
-                self._counters["trainer_wait_s"] += time.perf_counter() - t0
+                self._end("trainer_wait_s")
                 yield batch
         finally:
             stop.set()
@@ -303,13 +305,27 @@ class ModelSource:
         """Since the last call (or the start of iterate): the share of the time the trainer waited for data
         (`data_wait_frac`), the model waited on a full buffer (`model_wait_frac`) and computed
         (`model_busy_frac`), and the model's tokens per second of that time."""
-        now = time.perf_counter()
-        elapsed = max(now - self._since, 1e-9)
-        c = dict(self._counters)
-        self._counters = dict.fromkeys(c, 0.0)
-        self._since = now
+        with self._counting:
+            now = time.perf_counter()
+            elapsed = max(now - self._since, 1e-9)
+            c, self._counters = self._counters, dict.fromkeys(self._counters, 0.0)
+            for k, t0 in self._open.items():  # what is under way counts up to now, the rest in the next interval
+                c[k] += now - max(t0, self._since)
+            self._since = now
         return {"data_wait_frac": c["trainer_wait_s"] / elapsed, "model_wait_frac": c["model_wait_s"] / elapsed,
                 "model_busy_frac": c["model_busy_s"] / elapsed, "model_tokens_per_s": c["model_tokens"] / elapsed}
+
+    def _begin(self, activity: str) -> None:
+        with self._counting:
+            self._open[activity] = time.perf_counter()
+
+    def _end(self, activity: str, **counts: float) -> None:
+        """Add the activity's time since it began (or since the last `stats`, whichever is later)."""
+        with self._counting:
+            t0 = self._open.pop(activity)
+            self._counters[activity] += time.perf_counter() - max(t0, self._since)
+            for k, v in counts.items():
+                self._counters[k] += v
 
     def held_rows_bound(self) -> int:
         """The most computed rows the model thread holds ahead of the loader: `mix_shards + 1` shards."""
