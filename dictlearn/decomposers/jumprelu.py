@@ -6,7 +6,9 @@ JumpReLU and the L0 term use straight-through pseudo-derivatives with respect to
 a rectangle kernel of width `bandwidth`:
   d z / d theta  = -(theta / bandwidth) * K((pre - theta) / bandwidth)
   d H / d theta  = -(1 / bandwidth) * K((pre - theta) / bandwidth),   K(u) = 1{|u| < 1/2}
-(the L0 term passes no gradient to pre). The L0 coefficient ramps from 0 over `l0_warmup_steps`.
+(the L0 term passes no gradient to pre). The L0 coefficient ramps from 0 over `l0_warmup_steps`; with
+`target_l0` a controller scales every threshold until the running L0 reaches the target
+(dictlearn.decomposers.coefficient; the L0 coefficient alone moves thresholds too slowly).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dictlearn.decomposers.base import DecomposerConfig, register
-from dictlearn.decomposers.relu import warmup
+from dictlearn.decomposers.coefficient import START_ROWS, TargetL0Fields, check_target, penalty_coefficient, warmup
 from dictlearn.decomposers.sae import Buffer, Codes, SparseCoder, SparseCoderConfig, Sparsity, check
 
 
@@ -80,7 +82,7 @@ heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 class JumpReLUSparsity(Sparsity):
     name: ClassVar[str] = "jumprelu"
-    fields: ClassVar[tuple[type, ...]] = (JumpReLUFields,)
+    fields: ClassVar[tuple[type, ...]] = (JumpReLUFields, TargetL0Fields)
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -88,6 +90,7 @@ class JumpReLUSparsity(Sparsity):
         check(config.l0_warmup_steps >= 0, f"l0_warmup_steps must be >= 0, got {config.l0_warmup_steps}")
         check(config.bandwidth > 0, f"bandwidth must be positive, got {config.bandwidth}")
         check(config.initial_threshold > 0, f"initial_threshold must be positive, got {config.initial_threshold}")
+        check_target(config)
 
     def linear_form(self, coder):
         return "jumprelu", self.threshold(), None
@@ -96,11 +99,13 @@ class JumpReLUSparsity(Sparsity):
         self.l0_coefficient = config.l0_coefficient
         self.l0_warmup_steps = config.l0_warmup_steps
         self.bandwidth = config.bandwidth
+        self.initial_threshold = config.initial_threshold
         self.log_threshold = nnx.Param(jnp.full((config.n_features,), math.log(config.initial_threshold), jnp.float32))
         self.step = Buffer(jnp.zeros((), jnp.int32))
+        self.control = penalty_coefficient(config)  # with target_l0: a scale on every threshold, adapted to the target
 
     def threshold(self) -> jax.Array:
-        return jnp.exp(self.log_threshold[...])
+        return jnp.exp(self.log_threshold[...]) * self.control.scale()
 
     def train_codes(self, coder, x, z0, batch) -> Codes:
         return jumprelu(coder.biased(z0), self.threshold(), self.bandwidth)
@@ -109,12 +114,20 @@ class JumpReLUSparsity(Sparsity):
         pre = coder.biased(z0)
         return pre * (pre > self.threshold()).astype(pre.dtype)
 
+    def init_from_data(self, coder, x, y) -> None:
+        """With a target L0: thresholds where the sample fires target_l0 latents per row (at least
+        initial_threshold, as thresholds are positive)."""
+        levels = self.control.start_levels(coder.preacts(x[:START_ROWS]))
+        if levels is not None:
+            self.log_threshold[...] = jnp.log(jnp.maximum(levels, self.initial_threshold) / self.control.scale())
+
     def penalty(self, coder, x, z0, codes, err, optional=True):
         l0 = jnp.mean(jnp.sum(heaviside(coder.biased(z0), self.threshold(), self.bandwidth), axis=-1))
         coef = self.l0_coefficient * warmup(self.step[...], self.l0_warmup_steps)
-        return coef * l0, {"l0_coefficient": coef}
+        return coef * l0, {"l0_coefficient": coef, **self.control.metrics()}
 
     def after_step(self, metrics) -> None:
+        self.control.update(metrics["l0"], self.step[...])
         self.step[...] = self.step[...] + 1
 
     def fold(self, code_scale: float) -> None:
@@ -122,7 +135,7 @@ class JumpReLUSparsity(Sparsity):
 
 
 @dataclasses.dataclass
-class JumpReLUConfig(JumpReLUFields, SparseCoderConfig):
+class JumpReLUConfig(JumpReLUFields, TargetL0Fields, SparseCoderConfig):
     mechanism_cls: ClassVar[type[Sparsity]] = JumpReLUSparsity
 
 

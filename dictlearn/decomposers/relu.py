@@ -2,7 +2,8 @@
 
 The penalty is l1_coefficient * sum_i z_i * ||W_dec[i]||, so shrinking codes while growing decoder
 rows cannot cheat it even when rows are not kept at unit norm. The coefficient ramps linearly from
-0 over the first `l1_warmup_steps` steps, which keeps latents from dying early.
+0 over the first `l1_warmup_steps` steps, which keeps latents from dying early; with `target_l0` it is
+adapted instead until the running L0 reaches the target (dictlearn.decomposers.coefficient).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn.decomposers.base import DecomposerConfig, register
+from dictlearn.decomposers.coefficient import START_ROWS, TargetL0Fields, check_target, penalty_coefficient, warmup  # noqa: F401 (warmup: clt imports it from here)
 from dictlearn.decomposers.sae import Buffer, Codes, SparseCoder, SparseCoderConfig, Sparsity, check
 
 
@@ -25,28 +27,23 @@ class ReLUFields:
     l1_warmup_steps: int = 1000  # linear ramp of the coefficient from 0 (0: no warm-up)
 
 
-def warmup(step: jax.Array, steps: int) -> jax.Array:
-    """Linear ramp from 0 to 1 over `steps` optimiser steps (1 throughout when steps == 0)."""
-    if steps == 0:
-        return jnp.ones((), jnp.float32)
-    return jnp.minimum(step.astype(jnp.float32) / steps, 1.0)
-
-
 class ReLUSparsity(Sparsity):
     name: ClassVar[str] = "relu"
-    fields: ClassVar[tuple[type, ...]] = (ReLUFields,)
+    fields: ClassVar[tuple[type, ...]] = (ReLUFields, TargetL0Fields)
 
     @classmethod
     def check_config(cls, config) -> None:
         check(config.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {config.l1_coefficient}")
         check(config.l1_warmup_steps >= 0, f"l1_warmup_steps must be >= 0, got {config.l1_warmup_steps}")
+        check_target(config)
+        check(config.target_l0 is None or config.l1_coefficient > 0,
+              f"target_l0 scales l1_coefficient, so it must be positive, got {config.l1_coefficient}")
 
     def linear_form(self, coder):
         return "relu", None, None
 
     def __init__(self, config: DecomposerConfig):
-        self.l1_coefficient = config.l1_coefficient
-        self.l1_warmup_steps = config.l1_warmup_steps
+        self.control = penalty_coefficient(config, config.l1_coefficient, config.l1_warmup_steps)  # ramped, or target_l0's controller
         self.step = Buffer(jnp.zeros((), jnp.int32))  # optimiser steps taken (drives the warm-up)
 
     def train_codes(self, coder, x, z0, batch) -> Codes:
@@ -55,18 +52,25 @@ class ReLUSparsity(Sparsity):
     def infer_codes(self, coder, x, z0, grad) -> Codes:
         return jax.nn.relu(coder.biased(z0))
 
+    def init_from_data(self, coder, x, y) -> None:
+        """With a target L0: shift b_enc so that the sample fires target_l0 latents per row from the start."""
+        levels = self.control.start_levels(coder.preacts(x[:START_ROWS]))
+        if levels is not None:
+            coder.b_enc[...] = coder.b_enc[...] - levels
+
     def penalty(self, coder, x, z0, codes, err, optional=True):
         norms = jnp.linalg.norm(coder.W_dec[...], axis=1)
         l1 = jnp.mean(codes @ norms)
-        coef = self.l1_coefficient * warmup(self.step[...], self.l1_warmup_steps)
-        return coef * l1, {"l1": l1, "l1_coefficient": coef}
+        coef = self.control.value(self.step[...])
+        return coef * l1, {"l1": l1, "l1_coefficient": coef, **self.control.metrics()}
 
     def after_step(self, metrics) -> None:
+        self.control.update(metrics["l0"], self.step[...])
         self.step[...] = self.step[...] + 1
 
 
 @dataclasses.dataclass
-class ReLUConfig(ReLUFields, SparseCoderConfig):
+class ReLUConfig(ReLUFields, TargetL0Fields, SparseCoderConfig):
     mechanism_cls: ClassVar[type[Sparsity]] = ReLUSparsity
 
 

@@ -144,6 +144,9 @@ class Sparsity(nnx.Module):
         for it, not even zero gradients. None: there is no such term."""
         return None
 
+    def init_from_data(self, coder: SparseCoder, x: jax.Array, y: jax.Array) -> None:
+        """Data-dependent start of the mechanism's own state (after the coder's biases are set)."""
+
     def after_step(self, metrics: dict[str, jax.Array]) -> None:
         """Update the mechanism's own state after an optimiser step."""
 
@@ -278,10 +281,12 @@ class SparseCoder(Decomposer):
 
     # ---- training hooks -----------------------------------------------------------------------
     def init_from_data(self, x: jax.Array, y: jax.Array) -> None:
-        """Output bias at the geometric median of y (input bias, for transcoders, at that of x)."""
+        """Output bias at the geometric median of y (input bias, for transcoders, at that of x), then the
+        mechanism's own start (e.g. thresholds that meet a target L0)."""
         self.b_dec[...] = geometric_median(y, self.config.median_iters)
         if self.transcoder:
             self.b_in[...] = geometric_median(x, self.config.median_iters)
+        self.sparsity.init_from_data(self, x, y)
 
     def project_grads(self, grads: nnx.State) -> nnx.State:
         """Remove the gradient component parallel to each decoder row (it would only change its norm)."""
