@@ -255,6 +255,9 @@ def test_sigkilled_online_run_resumes_to_the_parameters_of_a_cache_run(tiny_mode
     cache_config, cache_out = _run_config(tmp_path, "cached", tiny_model_dir, source="cache")
     assert main(["run", str(cache_config), "--stages", "harvest", "train",
                  "--set", f"train.checkpoint_every={STEPS}"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(cache_config), "--stages", "harvest", "--set", "train.source=model"]) == 0
+    assert "is a full harvest of this plan; the eval stage uses its held-out shards" in capsys.readouterr().out
     assert ActivationCache.open(cache_out / "cache").rows("eval") == held.rows("eval")
     a, b = _params(out), _params(cache_out)
     assert sorted(a) == sorted(b)

@@ -56,9 +56,19 @@ def _stages(args: RunArgs) -> tuple[Any, dict[str, tuple[tuple[str, ...], Callab
 def held_out_stage(run) -> Path:
     """The harvest stage of an online run (train.source = "model"): only the plan's held-out shards are written
     (for the eval stage); the train split is computed by the model as training runs."""
+    import json
+
+    from dictlearn.activations.cache import MANIFEST, ActivationCache
     from dictlearn.activations.online import write_held_out
 
-    cache = write_held_out(run.online_plan(), run.cache_dir)
+    online = run.online_plan()
+    if (run.cache_dir / MANIFEST).is_file():  # a full harvest of the same plan already holds the held-out shards
+        cache = ActivationCache.open(run.cache_dir)
+        same = json.dumps(cache.manifest.get("identity"), sort_keys=True) == json.dumps(online.harvest_identity, sort_keys=True)
+        if cache.complete and same:
+            print(f"online: {cache.path} is a full harvest of this plan; the eval stage uses its held-out shards")
+            return cache.path
+    cache = write_held_out(online, run.cache_dir)
     print(cache.summary())
     return cache.path
 
