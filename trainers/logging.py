@@ -17,6 +17,7 @@ from dictlearn.files import atomic_write_text
 
 WANDB_MODES = ("offline", "online", "disabled")
 LOG_FILE = "train_log.jsonl"
+SUMMARY_COLUMNS = (("fvu", ".4f"), ("l0", ".1f"), ("target_l0", "g"), ("dead_pct", ".1f"))  # record key, format
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class TrainLogger:
     ):
         self.enabled = enabled
         self.log_paths = log_paths
+        self.decomposers = config.get("decomposers", {})  # name -> {"kind", its config fields}
         self.run = None
         self.bar = None
         if not enabled:
@@ -108,9 +110,11 @@ class TrainLogger:
         if self.run is not None:
             flat = {f"{name}/{k}": v for name, record in records.items() for k, v in record.items()}
             self.run.log(flat, step=step)
-        if self.bar is not None:
-            first = next(iter(records.values()))
-            self.bar.set_postfix({k: f"{first[k]:.4g}" for k in ("loss", "fvu", "l0") if k in first}, refresh=False)
+        if self.bar is not None:  # the bar has room for one dictionary: the first, named
+            name, first = next(iter(records.items()))
+            shown = " ".join(f"{k} {first[k]:.4g}" for k in ("loss", "fvu", "l0") if k in first)
+            self.bar.set_postfix_str(f"{name}: {shown}" + (f" (+{len(records) - 1} more)" if len(records) > 1 else ""),
+                                     refresh=False)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -124,10 +128,34 @@ class TrainLogger:
         else:
             print(text, flush=True)
 
+    def summary(self) -> str:
+        """A table of each dictionary's last logged record: FVU, L0 (and its target_l0, if any), dead fraction."""
+        rows = []
+        for name, path in self.log_paths.items():
+            records = read_log(path) if path.is_file() else []
+            if not records:
+                continue
+            last, settings = records[-1], self.decomposers.get(name, {})
+            shown = {**last, "target_l0": settings.get("target_l0"), "dead_pct": 100 * last["dead_frac"] if "dead_frac" in last else None}
+            rows.append([name, str(settings.get("kind", "-")), str(last["step"]),
+                         *(f"{shown[k]:{form}}" if shown.get(k) is not None else "-" for k, form in SUMMARY_COLUMNS)])
+        if not rows:
+            return ""
+        head = ["dictionary", "kind", "step", "FVU", "L0", "target L0", "dead %"]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in [head, *rows]]
+        return "\n".join(["training finished (FVU and L0: means over the last logged steps):", *lines])
+
     def close(self, failed: bool = False) -> None:
+        """Close the bar and wandb; after a run that finished, print the summary table (main process only)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.enabled and not failed:
+            table = self.summary()
+            if table:
+                print(table, flush=True)
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
