@@ -17,7 +17,9 @@ Usage:
 Measured 2026-12-03 on the shared 2-core machine (absolute times are noisy; the two kinds alternate):
   throughput (defaults: rounds 3, steps 4), on the row-selecting CPU kernels, load average 6 to 10:
     576x4608: BatchTopK median 1.98 s, Matryoshka (4 prefixes) 1.62 s: 0.82x (fastest steps 0.98x, CPU time
-    per step 0.83x); 768x16384: 4.68 s vs 4.28 s: 0.92x (0.91x, 0.86x). Target <= 1.3x.
+    per step 0.83x); 768x16384: 4.68 s vs 4.28 s: 0.92x (0.91x, 0.86x). Target <= 1.3x. A second run (load 4
+    to 7): 0.98x (2.37x: BatchTopK's fastest step fell in a quiet moment; 0.82x) and 0.85x (1.08x, 0.86x);
+    --sizes 576x4608 --rounds 8 --steps 2: 0.94x (1.15x, 0.90x).
   Before those kernels (the grouped decode on XLA's gathers): 1.60x at 576x4608 (load 1.5 to 4) and 1.77x at
     768x16384. docs/kernels.md says what changed and why Matryoshka now comes out below BatchTopK.
   smollm2 --steps 500 (resid_post.10, 2304 latents, k 32, 117,505 train / 13,282 held-out tokens; CE on 4,055
