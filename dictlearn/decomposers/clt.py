@@ -38,8 +38,8 @@ from flax import nnx
 
 from dictlearn.decomposers.base import Decomposer, DecomposerConfig, register
 from dictlearn.decomposers.batchtopk import kth_largest_nonneg
-from dictlearn.decomposers.coefficient import START_ROWS, penalty_coefficient
-from dictlearn.decomposers.jumprelu import heaviside, jumprelu
+from dictlearn.decomposers.coefficient import START_ROWS, penalty_coefficient, warmup
+from dictlearn.decomposers.jumprelu import MIN_THRESHOLD, heaviside, jumprelu
 from dictlearn.decomposers.sae import DEAD_CAP, Buffer, SparseCoderConfig, Sparsity, check, geometric_median
 from dictlearn.decomposers.sparse_ops import top_k
 from dictlearn.decomposers.transcoder import SPARSITIES
@@ -191,19 +191,21 @@ class BatchTopKLayers(AuxKLayers):
 
 class JumpReLULayers(LayerSparsity):
     """A learned threshold per latent and layer, log_threshold (L, F), trained against mse + l0_coefficient *
-    (active latents per row over all layers) with the JumpReLU SAE's straight-through estimators; the
-    coefficient ramps up, or with target_l0 adapts until the mean active latents per row and layer reach it."""
+    (active latents per row over all layers) with the JumpReLU SAE's straight-through estimators. With
+    target_l0, as for the JumpReLU SAE, one adapted scale multiplies every threshold until the mean active
+    latents per row and layer reach the target."""
 
     def __init__(self, config: CLTConfig):
-        self.coefficient = penalty_coefficient(config, config.l0_coefficient, config.l0_warmup_steps)
+        self.l0_coefficient = config.l0_coefficient
+        self.l0_warmup_steps = config.l0_warmup_steps
         self.bandwidth = config.bandwidth
-        self.initial_threshold = config.initial_threshold
         shape = (config.n_layers, config.n_features)
         self.log_threshold = nnx.Param(jnp.full(shape, math.log(config.initial_threshold), jnp.float32))
         self.step = Buffer(jnp.zeros((), jnp.int32))
+        self.control = penalty_coefficient(config)  # with target_l0: the scale on every threshold
 
     def thresholds(self):
-        return jnp.exp(self.log_threshold[...])
+        return jnp.exp(self.log_threshold[...]) * self.control.scale()
 
     def train_codes(self, pre):
         return jumprelu(pre, self.thresholds(), self.bandwidth), {}
@@ -213,17 +215,17 @@ class JumpReLULayers(LayerSparsity):
 
     def penalty(self, clt, pre, err, optional):
         l0 = jnp.mean(jnp.sum(heaviside(pre, self.thresholds(), self.bandwidth), axis=(1, 2)))
-        coef = self.coefficient.value(self.step[...])
-        return coef * l0, {"l0_coefficient": coef, **self.coefficient.metrics()}
+        coef = self.l0_coefficient * warmup(self.step[...], self.l0_warmup_steps)
+        return coef * l0, {"l0_coefficient": coef, **self.control.metrics()}
 
     def init_from_data(self, clt, x):
         """With a target L0: each layer's thresholds where the sample fires target_l0 latents per row."""
         if clt.config.target_l0 is not None:
-            levels = jax.vmap(self.coefficient.start_levels, in_axes=1)(clt.preacts(x[:START_ROWS]))
-            self.log_threshold[...] = jnp.log(jnp.maximum(levels, self.initial_threshold))
+            levels = jax.vmap(self.control.start_levels, in_axes=1)(clt.preacts(x[:START_ROWS]))
+            self.log_threshold[...] = jnp.log(jnp.maximum(levels, MIN_THRESHOLD) / self.control.scale())
 
     def after_step(self, metrics):
-        self.coefficient.update(metrics["l0"] / self.log_threshold.shape[0], self.step[...])
+        self.control.update(metrics["l0"] / self.log_threshold.shape[0], self.step[...])
         self.step[...] = self.step[...] + 1
 
     def fold(self, code_scale):
