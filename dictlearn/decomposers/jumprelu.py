@@ -34,7 +34,10 @@ class JumpReLUFields:
     l0_coefficient: float = 1e-3  # weight of the (straight-through) L0 penalty
     l0_warmup_steps: int = 1000  # linear ramp of the L0 coefficient from 0 (0: no warm-up)
     bandwidth: float = 1e-3  # width of the rectangle kernel of the straight-through estimator
-    initial_threshold: float = 1e-3  # every latent's threshold at the start
+    initial_threshold: float = 0.04  # every latent's threshold at the start (with target_l0: placed from data instead)
+
+
+MIN_THRESHOLD = 1e-6  # the lowest starting threshold placed from data
 
 
 def _rectangle(u: jax.Array) -> jax.Array:
@@ -99,7 +102,6 @@ class JumpReLUSparsity(Sparsity):
         self.l0_coefficient = config.l0_coefficient
         self.l0_warmup_steps = config.l0_warmup_steps
         self.bandwidth = config.bandwidth
-        self.initial_threshold = config.initial_threshold
         self.log_threshold = nnx.Param(jnp.full((config.n_features,), math.log(config.initial_threshold), jnp.float32))
         self.step = Buffer(jnp.zeros((), jnp.int32))
         self.control = penalty_coefficient(config)  # with target_l0: a scale on every threshold, adapted to the target
@@ -115,11 +117,11 @@ class JumpReLUSparsity(Sparsity):
         return pre * (pre > self.threshold()).astype(pre.dtype)
 
     def init_from_data(self, coder, x, y) -> None:
-        """With a target L0: thresholds where the sample fires target_l0 latents per row (at least
-        initial_threshold, as thresholds are positive)."""
+        """With a target L0: thresholds where the sample fires target_l0 latents per row (thresholds are
+        positive: a latent positive on fewer rows than its share starts at MIN_THRESHOLD)."""
         levels = self.control.start_levels(coder.preacts(x[:START_ROWS]))
         if levels is not None:
-            self.log_threshold[...] = jnp.log(jnp.maximum(levels, self.initial_threshold) / self.control.scale())
+            self.log_threshold[...] = jnp.log(jnp.maximum(levels, MIN_THRESHOLD) / self.control.scale())
 
     def penalty(self, coder, x, z0, codes, err, optional=True):
         l0 = jnp.mean(jnp.sum(heaviside(coder.biased(z0), self.threshold(), self.bandwidth), axis=-1))

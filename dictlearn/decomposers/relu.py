@@ -24,7 +24,7 @@ class ReLUFields:
     """Hyper-parameters of the L1 penalty (in units of the training-scale activations)."""
 
     l1_coefficient: float = 0.1  # weight of the L1 penalty on codes times decoder-row norms
-    l1_warmup_steps: int = 1000  # linear ramp of the coefficient from 0 (0: no warm-up)
+    l1_warmup_steps: int = 100  # linear ramp of the coefficient from 0 (0: no warm-up; ignored with target_l0)
 
 
 class ReLUSparsity(Sparsity):
