@@ -63,6 +63,8 @@ def test_target_is_reached_and_a_fixed_coefficient_is_not(kind, sparsity, train_
 
 
 def test_controller_state_is_saved_and_loaded(tmp_path, train_steps):
+    from dictlearn.export.kinds import to_linear
+
     for kind in ("relu", "jumprelu"):
         model = D.build(kind, _config(kind, target_l0=4.0))
         train_steps(model, _data(False), 20, 64, lr=1e-3)
@@ -76,6 +78,8 @@ def test_controller_state_is_saved_and_loaded(tmp_path, train_steps):
             np.testing.assert_array_equal(value, arrays[key], err_msg=key)
         x = _data(False)["x"][:64]
         np.testing.assert_array_equal(np.asarray(loaded.encode(x)), np.asarray(model.encode(x)))
+        # exports read the controlled thresholds (the SAELens/sparsify affine form encodes the same)
+        np.testing.assert_allclose(np.asarray(to_linear(loaded).encode(x)), np.asarray(model.encode(x)), atol=1e-5)
 
 
 def test_a_folder_saved_without_a_target_still_loads(tmp_path):
