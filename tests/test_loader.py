@@ -144,3 +144,27 @@ def test_bad_reader_slices_are_refused(cache):
         BatchLoader(cache, ["seq"], 64, slices=16)
     with pytest.raises(CacheError, match="must list distinct reader slices in 0..1"):
         BatchLoader(cache, ["seq"], 64, slices=2, read=[2])
+
+
+def test_a_source_that_hashes_on_read_catches_a_corrupt_shard_the_structure_check_misses(tmp_path):
+    """Multi-process training checks only the folder's structure up front and each shard's sha256 as it is
+    read: a same-size corruption passes the structure check and is caught by the first read of that shard."""
+    from dictlearn.activations.cache import ActivationCache, CacheError
+    from dictlearn.trainers.data import CacheSource
+    from conftest import write_cache  # noqa: E402
+
+    rng = np.random.default_rng(0)
+    path = write_cache(tmp_path / "cache", {"x": rng.normal(size=(512, 8)).astype(np.float32)}, n_shards=4)
+    cache = ActivationCache.open(path)
+    name = cache.shards[cache.shard_ids("train")[0]]["file"]
+    data = bytearray((path / name).read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit inside the last array: same size, same header
+    (path / name).write_bytes(bytes(data))
+    cache = ActivationCache.open(path)
+    cache.verify(checksums=False)  # the structure is intact
+    plain = CacheSource(cache, ["x"], 64)
+    next(plain.iterate(0))  # reads without hashing
+    hashing = CacheSource(cache, ["x"], 64, verify_reads=True)
+    with pytest.raises(CacheError, match="sha256|corrupt"):
+        for _, _ in zip(range(8), hashing.iterate(0)):  # 8 batches of 64 cover every train shard
+            pass

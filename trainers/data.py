@@ -74,18 +74,22 @@ class CacheSource:
     """Batches of the train split of an activation cache through its BatchLoader (which reads ahead
     on a thread of its own)."""
 
-    def __init__(self, cache, keys: list[str], batch_size: int, seed: int = 0):
+    def __init__(self, cache, keys: list[str], batch_size: int, seed: int = 0, verify_reads: bool = False):
+        """`verify_reads` checks each shard's sha256 as the loader reads it (one read), for processes that
+        read only their own shards and so must not hash the whole cache up front."""
         from dictlearn.activations.loader import BatchLoader
         from dictlearn.run import cache_identity
 
         self.cache, self.keys, self.batch_size, self.seed = cache, list(keys), batch_size, seed
+        self.verify_reads = verify_reads
         self.identity = cache_identity(cache)
-        self.loader = BatchLoader(cache, keys=self.keys, batch_size=batch_size, split="train", seed=seed)
+        self.loader = BatchLoader(cache, keys=self.keys, batch_size=batch_size, split="train", seed=seed,
+                                  verify=verify_reads)
         self.streams: list[Any] = []  # the loaders that served batches (their rows_read / bytes_read)
 
     def view(self, keys: list[str], batch_size: int) -> "CacheSource":
         """The same cache, fewer keys, another batch size (at most the train split's rows)."""
-        return CacheSource(self.cache, keys, min(batch_size, int(self.cache.rows("train"))), self.seed)
+        return CacheSource(self.cache, keys, min(batch_size, int(self.cache.rows("train"))), self.seed, self.verify_reads)
 
     def describe(self) -> str:
         return f"the cache at {self.cache.path} (identity {self.identity})"
@@ -102,7 +106,8 @@ class CacheSource:
         from dictlearn.activations.loader import BatchLoader
 
         loader = self.loader if slices == 1 else BatchLoader(
-            self.cache, keys=self.keys, batch_size=self.batch_size, split="train", seed=self.seed, slices=slices, read=read)
+            self.cache, keys=self.keys, batch_size=self.batch_size, split="train", seed=self.seed, slices=slices, read=read,
+            verify=self.verify_reads)
         self.streams.append(loader)
         return _only(loader.iterate(start_batch=start_batch), self.keys)
 
@@ -114,7 +119,8 @@ class CacheSource:
         from dictlearn.activations.loader import BatchLoader
 
         n_rows = min(n_rows, self.rows())
-        loader = BatchLoader(self.cache, keys=self.keys, batch_size=n_rows, split="train", seed=self.seed + 1)
+        loader = BatchLoader(self.cache, keys=self.keys, batch_size=n_rows, split="train", seed=self.seed + 1,
+                             verify=self.verify_reads)
         return loader.batch(0)
 
 

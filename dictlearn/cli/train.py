@@ -96,14 +96,19 @@ def _cache_data(run, cfg):
                           f'set train.source = "model" to train from the model, or harvest a full cache into another '
                           "folder (train.cache) to train from a cache")
 
+    # A truncated or corrupt shard must not train a dictionary silently. One process hashes every shard up
+    # front; in a multi-process run each process reads only its own shards, so it checks the folder's
+    # structure up front and each shard's sha256 as it reads it, instead of reading the whole cache once more.
+    hash_on_read = cfg.distributed
+
     def check() -> None:
         try:
-            cache.verify()  # a truncated or corrupt shard must not train a dictionary silently
+            cache.verify(checksums=not hash_on_read)
         except CacheError as e:
             raise CacheError(f"refusing to train on the cache at {cache.path}, which does not verify: {e}") from None
 
     return (cache.hookpoints, cache_identity(cache), f"the cache at {cache.path}", check,
-            lambda keys: CacheSource(cache, keys, cfg.batch_size, cfg.seed))
+            lambda keys: CacheSource(cache, keys, cfg.batch_size, cfg.seed, verify_reads=hash_on_read))
 
 
 def _model_data(run, cfg):
