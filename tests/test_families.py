@@ -88,6 +88,12 @@ def _acts(model, names, ids=None):
     return {k: v.clone() for k, v in acts.items()}, out.logits
 
 
+def _aliases(model) -> list[str]:
+    """The aliases this model has: every one, less resid_mid in parallel blocks (which refuse it)."""
+    parallel = families.family_of(model).is_parallel(model)
+    return [a for a in families.ALIASES if not (parallel and a in families.SEQUENTIAL_ONLY)]
+
+
 def _close(a, b, tol=1e-5):
     scale = max(float(b.abs().max()), 1.0)
     torch.testing.assert_close(a, b, atol=tol * scale, rtol=tol)
@@ -111,7 +117,7 @@ def test_mlp_and_attention_sites_agree_with_the_layer_modules(name):
     model = tiny(name)
     fam = families.family_of(model)
     block = model.get_submodule(fam.block(L))
-    a, _ = _acts(model, [f"{x}.{L}" for x in families.ALIASES])
+    a, _ = _acts(model, [f"{x}.{L}" for x in _aliases(model)])
     mlp_in, hidden = a[f"mlp_in.{L}"], a[f"mlp_hidden.{L}"]
     # the MLP's own output is hidden @ W_out + bias, with W_out from output_projection
     w_out, where = families.output_projection(model, f"mlp_hidden.{L}")
@@ -131,20 +137,96 @@ def test_mlp_and_attention_sites_agree_with_the_layer_modules(name):
     _close(pre(mid), mlp_in)
 
 
+class _Echo:
+    """An exact one-site replacement for downstream.splice: writes back what it read."""
+
+    def read(self, site: int, x: np.ndarray) -> None:
+        self.x = x
+
+    def write(self, site: int) -> np.ndarray:
+        return self.x.copy()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_exact_reconstruction_spliced_at_every_alias_gives_the_clean_logits(name):
     model = tiny(name)
     ids = _ids()
     _, clean = _acts(model, [f"resid_post.{L}"], ids)
     keep = torch.ones(ids.shape, dtype=torch.bool)
-    for alias in families.ALIASES:
+    for alias in _aliases(model):
         hp = H.resolve(model, f"{alias}.{L}")[0]
-        with torch.no_grad(), downstream.splice(model, hp, hp, lambda x: x.copy(), keep):
+        with torch.no_grad(), downstream.splice(model, [hp], [hp], _Echo(), keep):
             spliced = H.run_forward(model, ids).logits
-        with torch.no_grad(), downstream.zero_ablate(model, hp, keep):
+        with torch.no_grad(), downstream.zero_ablate(model, [hp], keep):
             ablated = H.run_forward(model, ids).logits
         _close(spliced, clean)
         assert not torch.allclose(ablated, clean), alias  # the hook does act there
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "gpt_neox"])
+def test_resid_mid_is_the_stream_between_attention_and_mlp(name):
+    """resid_mid.L is exactly resid_pre.L + attn_out.L, the MLP's pre-norm of it is mlp_in.L, it has the residual
+    width, and the module path it hooks maps back to it."""
+    model = tiny(name)
+    fam = families.family_of(model)
+    block = model.get_submodule(fam.block(L))
+    a, _ = _acts(model, [f"{x}.{L}" for x in ("resid_pre", "attn_out", "resid_mid", "mlp_in")])
+    mid = a[f"resid_mid.{L}"]
+    assert torch.equal(mid, a[f"resid_pre.{L}"] + a[f"attn_out.{L}"])  # the block's own sum, bit for bit
+    pre = getattr(block, fam.mlp_pre_norm) if fam.mlp_pre_norm else torch.nn.Identity()
+    assert (fam.mlp_pre_norm is None) == torch.equal(mid, a[f"mlp_in.{L}"])  # OLMo 2's MLP reads the stream itself
+    _close(pre(mid), a[f"mlp_in.{L}"], 1e-6)
+    hp = H.resolve(model, f"resid_mid.{L}")[0]
+    assert hp.width == 64 and hp.site == "input" and hp.layer == L
+    assert families.alias_of(model, f"{hp.module_path}:input") == ("resid_mid", L)
+    assert families.tl_hook_name(f"resid_mid.{L}") == f"blocks.{L}.hook_resid_mid"
+    d = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)  # same stream, same logit lens
+    np.testing.assert_array_equal(families.unembed_directions(model, f"resid_mid.{L}", d),
+                                  families.unembed_directions(model, f"resid_pre.{L}", d))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox_sequential", "llama", "gemma2", "olmo2"])
+def test_splice_at_resid_mid_changes_what_the_mlp_reads_not_the_skip(name):
+    """A splice at resid_mid.L rewrites the MLP's input stream; the skip connection still carries the clean
+    stream on, so resid_post.L - mlp_out.L stays resid_pre.L + attn_out.L (what the module docstring says)."""
+    model = tiny(name)
+    fam = families.family_of(model)
+    block = model.get_submodule(fam.block(L))
+    names = [f"{x}.{L}" for x in ("resid_mid", "mlp_in", "mlp_out", "resid_post")]
+    clean, clean_logits = _acts(model, names)
+    delta = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    hp = H.resolve(model, f"resid_mid.{L}")[0]
+    with torch.no_grad(), H.intervene(model, hp, lambda x: x + delta):
+        a, logits = _acts(model, names)
+    pre = getattr(block, fam.mlp_pre_norm) if fam.mlp_pre_norm else torch.nn.Identity()
+    _close(a[f"mlp_in.{L}"], pre(clean[f"resid_mid.{L}"] + delta), 1e-6)
+    _close(a[f"resid_post.{L}"] - a[f"mlp_out.{L}"], clean[f"resid_mid.{L}"])
+    assert not torch.allclose(a[f"mlp_out.{L}"], clean[f"mlp_out.{L}"]) and not torch.allclose(logits, clean_logits)
+
+
+def test_parallel_blocks_refuse_resid_mid_naming_what_the_mlp_reads():
+    model = tiny("gpt_neox")
+    with pytest.raises(H.HookpointError, match=r"resid_mid\.1: .*parallel blocks \(use_parallel_residual is true\)"
+                                                r".*The MLP reads resid_pre\.1 .*mlp_in\.1"):
+        H.resolve(model, ["resid_mid.1"])
+    pre_norm_input = f"{families.family_of(model).site('resid_mid', L)[0]}:input"
+    assert families.alias_of(model, pre_norm_input) is None  # it is the MLP's read of resid_pre, no stream of its own
+    assert H.resolve(model, [pre_norm_input])[0].width == 64  # the module path itself still works
+    sequential = tiny("gpt_neox_sequential")
+    assert families.alias_of(sequential, pre_norm_input) == ("resid_mid", L)
+
+
+def test_a_clt_can_read_resid_mid_over_a_layer_range(tmp_path):
+    """hookpoint_in = "resid_mid.0-1" expands to one site per layer, and those resolve on a model."""
+    from dictlearn.trainers.spec import build_spec
+
+    sites_in, sites_out = ["resid_mid.0", "resid_mid.1"], ["mlp_out.0", "mlp_out.1"]
+    table = {"name": "c", "kind": "clt", "hookpoint_in": "resid_mid.0-1", "hookpoint_out": "mlp_out.0-1",
+             "expansion": 2, "k": 4}
+    cache = {s: {"width": 64, "dtype": "float32"} for s in sites_in + sites_out}
+    spec = build_spec(table, cache, tmp_path / "c", "t")
+    assert spec.x_keys == sites_in and spec.y_keys == sites_out and spec.config.d_in == 64
+    assert [h.width for h in H.resolve(tiny("llama"), H.expand_hookpoints("resid_mid.0-1"))] == [64, 64]
 
 
 @pytest.mark.parametrize("name", NAMES)

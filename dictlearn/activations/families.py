@@ -9,6 +9,9 @@ A new family is one `Family(...)` entry; `docs/families.md` is generated from th
 Aliases (L = decoder block index); in every family `resid_pre.L + attn_out.L + mlp_out.L == resid_post.L`:
 
   resid_pre.L          input of block L (the residual stream before it)
+  resid_mid.L          the residual stream between attention and MLP (= resid_pre.L + attn_out.L), read at the
+                       input of the MLP's pre-norm (at the MLP's input in OLMo 2, which has none); refused in
+                       parallel blocks, whose MLP reads resid_pre.L (see below)
   resid_post.L         output of block L
   attn_out.L           what the attention sub-block adds to the residual stream: the attention output after its
                        post-norm in post-norm families (Gemma 2/3: post_attention_layernorm, OLMo 2:
@@ -22,10 +25,14 @@ Aliases (L = decoder block index); in every family `resid_pre.L + attn_out.L + m
   mlp_out_pre_norm.L   the MLP module's own output (= mlp_hidden.L @ W_out + bias), before any post-norm
 
 Splicing and steering at an alias act on exactly that tensor (for post-norm families, `attn_out` / `mlp_out` hook
-the post-norm module's output, so what is added there is not renormalised away).
+the post-norm module's output, so what is added there is not renormalised away). One exception: no module of a
+Hugging Face block outputs the mid-block stream, so a splice or steer at `resid_mid.L` changes what the MLP reads
+while the block's skip connection still carries the unchanged stream on to resid_post.L (to change the stream
+itself, splice at resid_pre.L or resid_post.L). Reading resid_mid.L, e.g. as a transcoder's input, is exact.
 
 Parallel blocks (GPT-NeoX with use_parallel_residual): attention and MLP both read resid_pre.L and
-resid_post.L = resid_pre.L + attn_out.L + mlp_out.L.
+resid_post.L = resid_pre.L + attn_out.L + mlp_out.L. There is no stream between attention and MLP there, so
+resid_mid.L raises HookpointError naming resid_pre.L (what the MLP reads) instead of quietly aliasing it.
 """
 
 from __future__ import annotations
@@ -47,9 +54,10 @@ class FamilyError(HookpointError):
     """A model whose layout dictlearn does not know; the message names what is missing."""
 
 
-ALIASES = ("resid_pre", "resid_post", "attn_out", "attn_out_pre_norm", "mlp_in", "mlp_hidden", "mlp_out",
-           "mlp_out_pre_norm")
-RESIDUAL_ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")  # live in, and add to, the residual stream
+ALIASES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "attn_out_pre_norm", "mlp_in", "mlp_hidden",
+           "mlp_out", "mlp_out_pre_norm")
+RESIDUAL_ALIASES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # in the residual stream's space
+SEQUENTIAL_ONLY = ("resid_mid",)  # aliases a parallel block (attention and MLP reading one input) does not have
 _ALIAS_RE = re.compile(r"([a-z_]+)\.(\d+)")
 
 
@@ -88,6 +96,7 @@ class Family:
         attn, mlp = f"{b}.{self.attn}", f"{b}.{self.mlp}"
         sites = {
             "resid_pre": (b, "input"),
+            "resid_mid": (f"{b}.{self.mlp_pre_norm}" if self.mlp_pre_norm else mlp, "input"),
             "resid_post": (b, "output"),
             "attn_out": (f"{b}.{self.attn_post_norm}" if self.attn_post_norm else attn, "output"),
             "attn_out_pre_norm": (attn, "output"),
@@ -219,6 +228,11 @@ def alias_target(model: torch.nn.Module, alias: str, layer: int) -> tuple[str, s
     if not 0 <= layer < count:
         raise HookpointError(f"hookpoint {alias}.{layer}: layer {layer} is out of range (the model has {count} "
                              f"decoder blocks, 0..{count - 1})")
+    if alias in SEQUENTIAL_ONLY and family.is_parallel(model):
+        raise HookpointError(
+            f"hookpoint {alias}.{layer}: this {family.name} model has parallel blocks ({family.parallel_flag} is "
+            f"true): attention and MLP both read the block input, so there is no residual stream between them. "
+            f"The MLP reads resid_pre.{layer} (through its pre-norm: mlp_in.{layer}); use one of those")
     return family.site(alias, layer)
 
 
@@ -244,7 +258,8 @@ def alias_of(model: torch.nn.Module, hookpoint: str) -> tuple[str, int] | None:
     if layer is None:
         return None
     family = family_of(model)
-    found = next(((a, layer) for a in ALIASES if family.site(a, layer) == (path, site)), None)
+    aliases = [a for a in ALIASES if not (a in SEQUENTIAL_ONLY and family.is_parallel(model))]
+    found = next(((a, layer) for a in aliases if family.site(a, layer) == (path, site)), None)
     if found is None and (path, site) == (family.site("mlp_hidden", layer)[0], "output"):
         found = ("mlp_out_pre_norm", layer)  # the output projection's output is the MLP's own output
     return found
@@ -384,6 +399,7 @@ def final_logits(model: torch.nn.Module, residual: torch.Tensor) -> torch.Tensor
 # ln2_post in post-norm models), i.e. dictlearn's attn_out / mlp_out. The pre-norm outputs have no TL hook.
 TL_HOOKS = {
     "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
     "resid_post": "hook_resid_post",
     "attn_out": "hook_attn_out",
     "mlp_out": "hook_mlp_out",
@@ -434,7 +450,9 @@ def family_table_markdown() -> str:
         "this file equal to it. Module names under a block are relative to block L (`<layers>.L`); `:input` means",
         "the module's input, otherwise its output. In every family `resid_pre.L + attn_out.L + mlp_out.L ==",
         "resid_post.L`: `attn_out` / `mlp_out` are what the block adds to the residual stream, after any post-norm;",
-        "`attn_out_pre_norm` / `mlp_out_pre_norm` are the attention / MLP modules' own outputs.", "",
+        "`attn_out_pre_norm` / `mlp_out_pre_norm` are the attention / MLP modules' own outputs. `resid_mid` is",
+        "`resid_pre + attn_out`, read where the MLP's pre-norm takes it; splicing there changes what the MLP reads,",
+        "not the stream the skip connection carries on.", "",
         "| family | model_type | blocks | " + " | ".join(ALIASES) + " | final norm | gain | notes |",
         "|" + "---|" * (len(ALIASES) + 6),
     ]
@@ -446,7 +464,8 @@ def family_table_markdown() -> str:
             cells.append(f"`{rel}{':input' if site == 'input' else ''}`")
         notes = []
         if f.parallel_flag:
-            notes.append(f"parallel attention and MLP when `{f.parallel_flag}`")
+            notes.append(f"parallel attention and MLP when `{f.parallel_flag}` (then no "
+                         f"{', '.join(SEQUENTIAL_ONLY)}: the MLP reads resid_pre)")
         if f.logit_softcap:
             notes.append(f"logit softcap `{f.logit_softcap}`")
         notes += [f"loads with {k}={v!r}" for k, v in f.load_options]

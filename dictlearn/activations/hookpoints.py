@@ -24,7 +24,8 @@ from dictlearn.activations import families
 from dictlearn.activations.families import ALIASES, FamilyError, HookpointError  # noqa: F401  (re-exported)
 from dictlearn.hookpoint_names import expand_hookpoints  # noqa: F401  (re-exported: layer ranges, mlp_in.0-3)
 
-_RESIDUAL_WIDTH = ("resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out", "attn_out_pre_norm", "mlp_out_pre_norm")
+_RESIDUAL_WIDTH = ("resid_pre", "resid_mid", "resid_post", "mlp_in", "mlp_out", "attn_out", "attn_out_pre_norm",
+                   "mlp_out_pre_norm")
 
 
 class StopForward(Exception):
