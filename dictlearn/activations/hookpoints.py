@@ -1,9 +1,10 @@
 """Named places in a Hugging Face model where activations are read or replaced.
 
 Two ways to name a hookpoint:
-- aliases `resid_pre.L`, `resid_post.L`, `attn_out.L`, `mlp_in.L`, `mlp_hidden.L`, `mlp_out.L` and the pre-norm
-  outputs `attn_out_pre_norm.L`, `mlp_out_pre_norm.L` (L = layer index), resolved through the model's family
-  entry (dictlearn/activations/families.py, which defines what each alias means);
+- aliases `resid_pre.L`, `resid_mid.L`, `resid_post.L`, `attn_out.L`, `mlp_in.L`, `mlp_hidden.L`, `mlp_out.L` and
+  the pre-norm outputs `attn_out_pre_norm.L`, `mlp_out_pre_norm.L` (L = layer index; a range `mlp_in.0-3` names
+  layers 0 to 3), resolved through the model's family entry (dictlearn/activations/families.py, which defines
+  what each alias means);
 - the model's own module paths with fnmatch patterns (`model.layers.*.mlp.down_proj`): the module's
   output, or its input with the suffix `:input` (`model.layers.3.mlp.down_proj:input`).
 
