@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 from dictlearn.decomposers import sparse_ops as so
 from dictlearn.decomposers.batchtopk import kth_largest_nonneg
+from dictlearn.kernels import cpu as cpu_kernels
 
 B, N, D, K = 64, 96, 12, 5
 
@@ -146,3 +147,100 @@ def test_kth_largest_nonneg_is_exact():
     flat = np.sort(np.asarray(z).ravel())[::-1]
     for kth in (1, 7, 100, 1234, 3500):
         assert float(kth_largest_nonneg(z, kth)) == flat[kth - 1]
+
+
+# ---- the decode on dictlearn's CPU kernels equals XLA's ------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.enabled(), reason="dictlearn's CPU kernels are not available here")
+
+
+def _zeroed_problem(seed=6, b=48, m=80, n=200, d=16):
+    """Sparse codes with about 40% zero slots (BatchTopK's unselected candidates; more slots than
+    UNROLL_SLOTS, so the forward runs on the kernel), a decoder and a probe."""
+    rng = np.random.default_rng(seed)
+    idx = jnp.asarray(np.stack([rng.choice(n, m, replace=False) for _ in range(b)]).astype(np.int32))
+    vals = jnp.asarray((rng.random((b, m)) * (rng.random((b, m)) < 0.6)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((n, d)).astype(np.float32))
+    probe = jnp.asarray(rng.standard_normal((b, d)).astype(np.float32))
+    return vals, idx, w, probe
+
+
+@needs_kernels
+def test_gather_decode_on_the_kernels_equals_xla_and_dense(monkeypatch):
+    """Forward, value and decoder gradients equal on the kernels, on XLA's ops and on the dense product;
+    zero_is_unselected zeroes exactly the zero slots' value gradients and changes nothing else."""
+    vals, idx, w, probe = _zeroed_problem()
+
+    def run(unselected):
+        f = lambda v, w: jnp.sum(probe * so.gather_decode(v, idx, w, unselected))  # noqa: E731
+        return (so.gather_decode(vals, idx, w, unselected), *jax.grad(f, argnums=(0, 1))(vals, w))
+
+    forward = jax.jit(lambda v: so.gather_decode(v, idx, w, True)).lower(vals).as_text()
+    backward = jax.jit(jax.grad(lambda v, w: jnp.sum(probe * so.gather_decode(v, idx, w, True)), (0, 1))).lower(vals, w)
+    assert cpu_kernels.SCATTER_ROWS_AT_TARGET in forward  # forward on the kernel
+    assert cpu_kernels.GATHER_DOTS_AT_TARGET in backward.as_text()  # the selected slots' value gradients
+    fast = {u: run(u) for u in (False, True)}
+    monkeypatch.setenv("DICTLEARN_CPU_KERNELS", "0")
+    assert cpu_kernels.SCATTER_ROWS_AT_TARGET not in jax.jit(lambda v: so.gather_decode(v, idx, w)).lower(vals).as_text()
+    slow = {u: run(u) for u in (False, True)}
+    dense = lambda v, w: jnp.sum(probe * (so.densify(so.SparseCodes(v, idx), w.shape[0]) @ w))  # noqa: E731
+    ref = (so.densify(so.SparseCodes(vals, idx), w.shape[0]) @ w, *jax.grad(dense, argnums=(0, 1))(vals, w))
+    for u in (False, True):
+        for a, b in zip(fast[u], slow[u]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast[False], ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    zero = np.asarray(vals) == 0
+    assert zero.any() and (np.asarray(fast[False][1])[zero] != 0).all()  # exact: zero slots have a gradient
+    assert (np.asarray(fast[True][1])[zero] == 0).all() and (np.asarray(slow[True][1])[zero] == 0).all()
+    np.testing.assert_array_equal(np.asarray(fast[True][1])[~zero], np.asarray(fast[False][1])[~zero])
+    np.testing.assert_array_equal(fast[True][2], fast[False][2])
+
+
+def _old_xla_decode(monkeypatch):
+    """The decode as it was before the kernels took it over: XLA's ops, every slot's exact value gradient."""
+    from dictlearn.decomposers import sae, topk
+
+    exact = lambda v, i, w, zero_is_unselected=False: so.gather_decode(v, i, w)  # noqa: E731
+    monkeypatch.setattr(sae, "gather_decode", exact)
+    monkeypatch.setattr(topk, "gather_decode", exact)
+    monkeypatch.setenv("DICTLEARN_CPU_KERNELS", "0")
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind,low_bias", [("topk", -2.0), ("batchtopk", -0.3)])
+def test_topk_family_loss_and_gradients_equal_the_old_xla_path(kind, low_bias, monkeypatch):
+    """A TopK / BatchTopK loss (AuxK on, with dead latents) and every parameter's gradient are the same on
+    the kernels' decode (zero slots skipped) as on XLA's exact one. The batch has zero slots of every
+    origin: BatchTopK's unselected candidates (80 per row, more than UNROLL_SLOTS: the kernels' forward),
+    TopK slots whose pre-activation the relu zeroes, AuxK's live latents masked out (70 slots)."""
+    import dictlearn.decomposers as D
+    from flax import nnx
+
+    n, d, k = 256, 12, 20
+    model = D.build(kind, {"d_in": d, "n_features": n, "hookpoint_in": "resid_post.3", "k": k, "k_aux": 70,
+                           "dead_tokens": 10, "aux_coefficient": 0.5})
+    rng = np.random.default_rng(4)
+    # Most latents start below zero: TopK's top k reach negative pre-activations (relu zeros).
+    model.b_enc[...] = jnp.asarray(np.where(np.arange(n) < 6, 0.2, low_bias).astype(np.float32))
+    model.tokens_since_fired[...] = jnp.asarray(np.where(np.arange(n) % 2, 100, 0).astype(np.int32))  # half dead
+    x = jnp.asarray(rng.standard_normal((96, d)).astype(np.float32))
+    batch = {"x": x, "y": x}
+
+    def loss_and_grads():
+        (loss, metrics), grads = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)(model)
+        return float(loss), metrics, grads
+
+    new = loss_and_grads()
+    with monkeypatch.context() as patch:
+        _old_xla_decode(patch)
+        old = loss_and_grads()
+    assert float(new[1]["auxk"]) > 0  # AuxK ran
+    if kind == "batchtopk":  # the sparse path, k of the 4k candidates selected per row on average
+        assert float(new[1]["dense_fallback"]) == 0.0 and float(new[1]["l0"]) == pytest.approx(k)
+    else:
+        assert float(new[1]["l0"]) < k  # some selected slots are relu zeros
+    assert new[0] == pytest.approx(old[0], rel=1e-5)
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        np.testing.assert_allclose(np.asarray(new[2][key][...]), np.asarray(old[2][key][...]), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)

@@ -221,7 +221,8 @@ class SparseCoder(Decomposer):
     def reconstruct(self, codes: Codes, x: jax.Array | None) -> jax.Array:
         """Decoder output for codes; the skip path needs the raw input x."""
         if isinstance(codes, SparseCodes):
-            y = gather_decode(codes.values, codes.indices, self.W_dec[...])
+            # Sparse codes come from select_codes: a zero value is a relu's or a selection mask's (no gradient).
+            y = gather_decode(codes.values, codes.indices, self.W_dec[...], zero_is_unselected=True)
         else:
             y = codes @ self.W_dec[...]
         y = y + self.b_dec[...]

@@ -14,6 +14,7 @@ scatter moves whole contiguous rows. The scatter-adds run over the batch in chun
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -30,7 +31,8 @@ CHUNK_MIN_ELEMENTS = 1 << 22
 class SparseCodes(NamedTuple):
     """Codes with a fixed number of slots per row: values (B, m) and latent indices (B, m), int32.
 
-    A slot with value 0 contributes nothing; indices within a row are distinct."""
+    A slot with value 0 contributes nothing (in the TopK family it was not selected: see gather_decode's
+    zero_is_unselected); indices within a row are distinct."""
 
     values: jax.Array
     indices: jax.Array
@@ -179,26 +181,56 @@ def scatter_values(weights: jax.Array, indices: jax.Array, n: int) -> jax.Array:
 # ---- gathered decode with a sparse backward ---------------------------------------------------
 
 
-@jax.custom_vjp
-def gather_decode(values: jax.Array, indices: jax.Array, w_dec: jax.Array) -> jax.Array:
+def gather_decode(values: jax.Array, indices: jax.Array, w_dec: jax.Array, zero_is_unselected: bool = False) -> jax.Array:
     """sum_j values[b, j] * w_dec[indices[b, j]]: (B, k), (B, k), (n, d) -> (B, d), no bias.
 
-    Equal to densify(values, indices) @ w_dec, at O(B k d) cost forward and backward."""
-    return gather_combine(values, indices, w_dec)
+    Equal to densify(values, indices) @ w_dec, at O(B k d) cost forward and backward. On a single CPU
+    device dictlearn's row-selecting C++ kernels run the forward for more than UNROLL_SLOTS slots, the value
+    gradients and the decoder gradient (slots of value 0 cost nothing in the kernels' forward and decoder
+    gradient); elsewhere XLA's gathers and scatters do.
+
+    zero_is_unselected: a zero value marks a slot that was not selected, so its value gradient is 0 (and
+    costs nothing). Exact for the parameters' and the input's gradients whenever a zero value comes from a
+    relu or a selection mask, which pass no gradient at zero (the TopK family's codes: BatchTopK keeps 4k
+    candidates per row, about k of them selected); False gives every slot its exact value gradient."""
+    return _gather_decode(values, indices, w_dec, zero_is_unselected)
 
 
-def _gather_decode_fwd(values, indices, w_dec):
-    return gather_combine(values, indices, w_dec), (values, indices, w_dec)
+def _own_rows(shape: tuple[int, int]) -> jax.Array:
+    """(B, m) int32: each slot's own row b."""
+    return jnp.broadcast_to(jnp.arange(shape[0], dtype=jnp.int32)[:, None], shape)
 
 
-def _gather_decode_bwd(res, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_decode(values, indices, w_dec, zero_is_unselected):
+    # Up to UNROLL_SLOTS slots XLA's unrolled gathers are faster than the kernel (TopK's 32 slots at
+    # 4096 x 768 -> 16384: 0.04 s against 0.15 s); beyond, its chunked gathers are slower (BatchTopK's 128
+    # candidates: 0.64 s against 0.12 s). The kernel is the scatter with the roles swapped: slot (b, j)
+    # adds values[b, j] * w_dec[indices[b, j]] to row b, skipping zero values.
+    fast = None
+    if values.shape[1] > UNROLL_SLOTS:
+        fast = cpu_kernels.scatter_rows(values, _own_rows(values.shape), w_dec, values.shape[0], row_of=indices)
+    return gather_combine(values, indices, w_dec) if fast is None else fast
+
+
+def _gather_decode_fwd(values, indices, w_dec, zero_is_unselected):
+    return _gather_decode(values, indices, w_dec, zero_is_unselected), (values, indices, w_dec)
+
+
+def _gather_decode_bwd(zero_is_unselected, res, dy):
     values, indices, w_dec = res
-    d_values = gather_dot(dy, indices, w_dec)
+    if zero_is_unselected:
+        live = values != 0
+        d_values = cpu_kernels.gather_dots(dy, indices, w_dec, row_of=jnp.where(live, _own_rows(values.shape), -1))
+        if d_values is None:
+            d_values = gather_dot(dy, indices, w_dec) * live.astype(dy.dtype)
+    else:
+        d_values = gather_dot(dy, indices, w_dec)
     d_w_dec = scatter_rows(values, indices, dy, w_dec.shape[0])
     return d_values, None, d_w_dec
 
 
-gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
+_gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 
 # ---- encoder values at selected latents, with a sparse backward --------------------------------

@@ -42,7 +42,7 @@ def auxk_loss(coder: SparseCoder, x: jax.Array, z0: jax.Array, err: jax.Array, d
     _, idx = top_k(jnp.where(dead, z0 + jax.lax.stop_gradient(b_enc), -jnp.inf), k_aux)
     vals = jax.nn.relu(gather_encode(x.astype(jnp.float32), coder.input_bias(), coder.W_enc[...], b_enc, z0, idx))
     vals = vals * jnp.take(dead, idx).astype(vals.dtype)  # fewer dead than k_aux: ignore the live ones
-    resid_hat = gather_decode(vals, idx, coder.W_dec[...])
+    resid_hat = gather_decode(vals, idx, coder.W_dec[...], zero_is_unselected=True)  # zeros: relu or live mask
     denom = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
     scale = jnp.minimum(jnp.sum(dead) / k_aux, 1.0)
     return scale * jnp.sum((resid_hat - resid) ** 2) / denom
