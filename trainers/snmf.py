@@ -313,7 +313,8 @@ def train_snmf_from_source(cfg: SNMFTrainConfig, source, out_folder: Path, w_out
         raise ValueError(f"{cfg.name}: K = {k} features need at least {k} rows in memory, got {x.shape[0]}")
     scale = input_scale(x) if cfg.scale_inputs else 1.0
     x *= scale
-    logger = TrainLogger(out_folder, {cfg.name: log_path}, WandbConfig(mode="disabled"), dataclasses.asdict(cfg),
+    logger = TrainLogger(out_folder, {cfg.name: log_path}, WandbConfig(mode="disabled"),
+                         {**dataclasses.asdict(cfg), "decomposers": {cfg.name: {"kind": cfg.kind}}},
                          n_steps=cfg.max_iters if cfg.solver == "memory" else cfg.passes * (n_rows // source.batch_size),
                          start_step=0, progress=cfg.progress)
     total_sq = float(np.sum(np.square(x, dtype=np.float64)))
