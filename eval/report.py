@@ -248,8 +248,12 @@ def plot_all(records: list[dict[str, Any]], folder: Path, steering: dict[str, An
 
 
 def write_report(out: Path, meta: dict[str, Any], records: list[dict[str, Any]],
-                 steering: dict[str, Any] | None = None) -> None:
-    """metrics.json, report.md and plots/ under out."""
+                 steering: dict[str, Any] | None = None, sections: dict[str, Any] | None = None) -> None:
+    """metrics.json, report.md and plots/ under out.
+
+    sections: the other stages' results, each optional: {"probing": .., "absorption": .., "matching": ..,
+    "ood": {label: {"corpus", "n_tokens", "records"}}} (a section absent or None is left out of the report)."""
+    sections = json_safe(sections) if sections else {}
     records = json_safe(records)
     steering = json_safe(steering) if steering else None
     check_same_keys(records)
