@@ -212,7 +212,6 @@ def construct(module, x: np.ndarray, y: np.ndarray, seed: int = 0, fire: float =
         w_enc[layer] = w
         b_enc[layer] = 0.3 - np.quantile(xc @ w, 1 - fire, axis=0)  # about `fire` above 0.3
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
-    name = module.config.sparsity
     if clt:
         module.W_enc[...] = f32(w_enc)
         module.b_enc[...] = f32(b_enc)
@@ -220,10 +219,7 @@ def construct(module, x: np.ndarray, y: np.ndarray, seed: int = 0, fire: float =
         module.b_dec[...] = f32(ys.mean(0))
         for i in range(n_layers):
             module.decoder(i)[...] = f32(0.05 * rng.standard_normal((n, n_layers - i, d_out)))
-        if name == "jumprelu":
-            module.sparsity.log_threshold[...] = f32(np.log(rng.uniform(0.1, 0.5, (n_layers, n))))
-        elif name == "batchtopk":
-            module.sparsity.threshold[...] = f32(np.full(n_layers, 0.3))
+        set_thresholds(module.sparsity, rng, (n_layers, n))
         return module
     module.W_enc[...] = f32(w_enc[0].T)
     module.b_enc[...] = f32(b_enc[0])
@@ -232,11 +228,17 @@ def construct(module, x: np.ndarray, y: np.ndarray, seed: int = 0, fire: float =
     module.b_dec[...] = f32(ys[:, 0].mean(0))
     if getattr(module, "skip", False):
         module.W_skip[...] = f32(0.02 * rng.standard_normal((xs.shape[-1], d_out)))
-    if name == "jumprelu":
-        module.sparsity.log_threshold[...] = f32(np.log(rng.uniform(0.1, 0.5, n)))
-    elif name == "batchtopk":
-        module.sparsity.threshold[...] = f32(0.3)
+    set_thresholds(module.sparsity, rng, (n,))
     return module
+
+
+def set_thresholds(sparsity, rng: np.random.Generator, shape: tuple[int, ...]) -> None:
+    """Give whichever threshold the sparsity mechanism learns a value that makes some codes fire and others not:
+    JumpReLU's per-latent log thresholds, BatchTopK's one threshold (per layer for a CLT); ReLU has none."""
+    if hasattr(sparsity, "log_threshold"):
+        sparsity.log_threshold[...] = np.log(rng.uniform(0.1, 0.5, shape)).astype(np.float32)
+    elif hasattr(sparsity, "threshold"):
+        sparsity.threshold[...] = np.full(sparsity.threshold[...].shape, 0.3, np.float32)
 
 
 def dictlearn_outputs(modules: dict[int, object], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

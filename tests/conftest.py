@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -417,3 +420,19 @@ n_features = 32
 lr = 1e-3
 l1 = 0.01
 """
+
+
+def kill_once_checkpointed(command: list[str], ckdir: Path, step: int, **popen) -> subprocess.Popen:
+    """Start `command`, SIGKILL it as soon as a checkpoint of `step` or later appears under ckdir (mid-run, maybe
+    mid-save), and return the killed process: the resume tests' one way of interrupting a run."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= step for p in ckdir.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return proc

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CORPUS
+from conftest import CORPUS, kill_once_checkpointed
 
 KEYS = ["resid_post.1", "mlp_hidden.1", "token_id", "seq", "pos"]
 HARVEST = dict(hookpoints=["resid_post.1", "mlp_hidden.1"], n_tokens=4096, batch_size=4, shard_mb=0.25,
@@ -147,8 +147,6 @@ def test_outlier_filter_is_refused_online(tiny_loaded):
 
 # --- the CLI: dictlearn run / train with train.source = "model" ------------------------------------------------------
 import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -230,16 +228,7 @@ def test_sigkilled_online_run_resumes_to_the_parameters_of_a_cache_run(tiny_mode
     config, out = _run_config(tmp_path, "online", tiny_model_dir)
     script = "import sys; from dictlearn.cli import main; sys.exit(main(sys.argv[1:]))"
     command = [sys.executable, "-c", script, "run", str(config), "--stages", "harvest", "train"]
-    proc = subprocess.Popen(command, env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ckdir = out / "decomposers" / "topk" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckdir.iterdir()):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_once_checkpointed(command, out / "decomposers" / "topk" / "checkpoints", 20, env=_env(tmp_path), cwd=ROOT)
     assert not (out / "decomposers" / "topk" / "params.safetensors").exists()
     assert main(command[3:]) == 0  # the same command again (in this process: one interpreter start less)
     said = capsys.readouterr()

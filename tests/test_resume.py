@@ -7,16 +7,14 @@ from __future__ import annotations
 import pytest
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from conftest import CLI_CONFIG, planted, write_cache
+from conftest import CLI_CONFIG, kill_once_checkpointed, planted, write_cache
 
 pytestmark = pytest.mark.usefixtures("tiny_kind")  # the TinySAE kind from conftest, for this file's tests
 
@@ -61,17 +59,8 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
     config_b, out_b = _config(tmp_path, "killed", cache)
 
     # the interrupted run: SIGKILL as soon as step 20 is checkpointed (mid-run, maybe mid-save)
-    proc = subprocess.Popen(_command(config_b), env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckdir = out_b / "decomposers" / "tiny32" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckdir.iterdir()):
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read().decode()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_once_checkpointed(_command(config_b), ckdir, 20, env=_env(tmp_path))
     assert not (out_b / "decomposers" / "tiny32" / "params.safetensors").exists()
     steps_at_kill = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
     assert steps_at_kill and max(steps_at_kill) < STEPS
