@@ -127,7 +127,7 @@ def downstream_sequences(cache: ActivationCache, n: int, context: int = 0) -> np
 
 
 # --- the suite --------------------------------------------------------------------------------------------------
-RECORD_FORMAT = 2  # raised when records gain keys (2: n_sites and the per-site figures): older records are redone
+RECORD_FORMAT = 3  # raised when records gain keys (2: n_sites and the per-site figures; 3: l0_target): older records are redone
 SITE_KEYS = ("fvu", "l0", "dead_fraction")  # per-site metrics: record keys fvu_per_site, l0_per_site, ...
 DOWNSTREAM_KEYS = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_increase", "ce_loss_score", "kl_spliced",
                    "kl_ablated", "kl_score", "n_downstream_tokens")
@@ -170,6 +170,7 @@ def evaluate(decomposers: dict[str, Any], model: Any, cache: ActivationCache, cf
         records[n] = {
             "name": n, "kind": d.kind, "hookpoint_in": d.config.hookpoint_in, "hookpoint_out": d.config.hookpoint_out,
             "d_in": d.config.d_in, "d_out": d.config.d_out, "n_features": n_latents(d), "n_sites": n_sites(d),
+            "l0_target": d.config.sparsity_target(),  # the L0 the config aimed at (None: none); the report marks a miss
             **acc.metrics(),
             **per_site(d, acc),
             **{k: down[0].get(n, {}).get(k) for k in DOWNSTREAM_KEYS},

@@ -63,6 +63,11 @@ class DecomposerConfig:
         """The sites written, in order: [hookpoint_out]; one per layer for a site-axis kind."""
         return [self.hookpoint_out]
 
+    def sparsity_target(self) -> float | None:
+        """The L0 (active latents per token, every site together) this config aims at, so a comparison can mark
+        a dictionary that missed it; None: the kind sets no target (semi-NMF's codes are not sparse by a rule)."""
+        return None
+
 
 class Decomposer(nnx.Module):
     """Base class: subclasses set `kind` and `config_cls` and implement the four methods below.

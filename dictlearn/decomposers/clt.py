@@ -84,6 +84,11 @@ class CLTConfig(*_FIELD_MIXINS, SparseCoderConfig):
     def n_layers(self) -> int:
         return len(self.hookpoints_in())
 
+    def sparsity_target(self) -> float | None:
+        """The mechanism's target counts latents per row and layer; the eval's L0 counts every layer's."""
+        per_layer = self.mechanism().l0_target(self)
+        return None if per_layer is None else per_layer * self.n_layers
+
 
 # ---- per-layer sparsity: pre-activations (B, L, F) -> codes (B, L, F) ----------------------------------------------
 class LayerSparsity(nnx.Module):

@@ -88,6 +88,10 @@ class JumpReLUSparsity(Sparsity):
     fields: ClassVar[tuple[type, ...]] = (JumpReLUFields, TargetL0Fields)
 
     @classmethod
+    def l0_target(cls, config) -> float | None:
+        return config.target_l0  # None: a fixed coefficient, whatever L0 it reaches
+
+    @classmethod
     def check_config(cls, config) -> None:
         check(config.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {config.l0_coefficient}")
         check(config.l0_warmup_steps >= 0, f"l0_warmup_steps must be >= 0, got {config.l0_warmup_steps}")

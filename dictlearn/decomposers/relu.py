@@ -32,6 +32,10 @@ class ReLUSparsity(Sparsity):
     fields: ClassVar[tuple[type, ...]] = (ReLUFields, TargetL0Fields)
 
     @classmethod
+    def l0_target(cls, config) -> float | None:
+        return config.target_l0  # None: a fixed coefficient, whatever L0 it reaches
+
+    @classmethod
     def check_config(cls, config) -> None:
         check(config.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {config.l1_coefficient}")
         check(config.l1_warmup_steps >= 0, f"l1_warmup_steps must be >= 0, got {config.l1_warmup_steps}")

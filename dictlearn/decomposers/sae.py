@@ -71,6 +71,9 @@ class SparseCoderConfig(DecomposerConfig):
     def needs_grad(self) -> bool:
         return self.mechanism().needs_grad
 
+    def sparsity_target(self) -> float | None:
+        return self.mechanism().l0_target(self)
+
     def validate(self) -> None:
         """Checks beyond the mechanism's own (`Sparsity.check_config`); subclasses extend it."""
 
@@ -112,6 +115,11 @@ class Sparsity(nnx.Module):
     @classmethod
     def check_config(cls, config: SparseCoderConfig) -> None:
         """Raise ValueError naming a bad value of this mechanism's fields."""
+
+    @classmethod
+    def l0_target(cls, config: SparseCoderConfig) -> float | None:
+        """The L0 this mechanism's fields aim at (None: no target)."""
+        return None
 
     def linear_form(self, coder: SparseCoder) -> tuple[str, jax.Array | None, int | None] | None:
         """The inference rule as an affine dictionary's: ("relu" | "topk" | "jumprelu", per-latent threshold

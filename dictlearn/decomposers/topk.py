@@ -59,6 +59,10 @@ class TopKSparsity(Sparsity):
     encoder_init_norm: ClassVar[float] = 3**-0.5
 
     @classmethod
+    def l0_target(cls, config) -> float | None:
+        return float(config.k)  # per token (BatchTopK, Matryoshka: on average over the batch)
+
+    @classmethod
     def check_config(cls, config) -> None:
         check(0 < config.k <= config.n_features, f"k must be in 1..n_features ({config.n_features}), got {config.k}")
         check(config.k_aux is None or config.k_aux > 0, f"k_aux must be positive (or unset for d_in // 2), got {config.k_aux}")
