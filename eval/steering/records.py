@@ -41,6 +41,9 @@ class Detection:
     feature: int | None
     auc_train: float | None
     auc: float | None
+    # IO's (eval/steering/io_scores.py): the SNMF paper's scores of the feature; None for DiffMean / no feature
+    input_score: float | None = None  # share of its top-activating held-out windows judged the concept
+    output_score: float | None = None  # share of its vocabulary projection's top tokens judged the concept
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,9 @@ class Summary:
     feature_concept: float | None
     feature_fluency: float | None
     feature_combined: float | None
+    # IO's (eval/steering/io_scores.py), means over concepts of the best features' scores (None: no concept)
+    input_score: float | None = None
+    output_score: float | None = None
 
     @classmethod
     def at(cls, kl_target: float, detection_auc: float | None, feature_curve: list[FeatureCurvePoint],
