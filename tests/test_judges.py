@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dictlearn.eval.steering.corpus import label_of, load_labelled_documents, split_documents
+from dictlearn.eval.steering.corpus import (
+    TOPICS,
+    Document,
+    label_of,
+    lexical_training_text,
+    load_labelled_documents,
+    split_documents,
+)
 from dictlearn.eval.steering.judges import (
     ConceptJudge,
     FluencyReference,
@@ -75,6 +82,98 @@ def test_naive_bayes_uniform_prior_ignores_class_sizes():
     # 1 sport text against 8 money texts: a word seen only in sport still decides
     nb = NaiveBayesText(2, min_count=1).fit(SPORT[:1] + MONEY * 2, [0] + [1] * 8)
     assert nb.predict(["striker goal"])[0] == 0
+
+
+def generic_word_corpus(seed: int = 0) -> tuple[list[str], list[int]]:
+    """Sport (0) and tech (1) documents over a shared filler vocabulary: "football" in 20 sport and 3 tech
+    documents, "sport" in 20 and 3, and a generic word, "popular", in no sport document but repeated six
+    times in 45 tech articles (as BBC tech uses "popular", "people", "use")."""
+    rng = np.random.default_rng(seed)
+    filler = [f"filler{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(400)]
+
+    def doc(extra: list[str], n: int) -> str:
+        return " ".join(list(rng.choice(filler, n)) + extra)
+
+    sport = [doc(["football"] * (i < 20) + ["sport"] * (10 <= i < 30), 30) for i in range(50)]
+    tech = [doc(["football"] * (i < 3) + ["sport"] * (3 <= i < 6) + ["popular"] * (6 * (i < 45)), 60) for i in range(50)]
+    return sport + tech, [0] * 50 + [1] * 50
+
+
+def test_naive_bayes_a_repeated_generic_word_does_not_outvote_topic_words():
+    # Word counts with add-one smoothing called this tech (-16.26 against -16.63): 270 "popular"s in tech,
+    # none in sport, outweighed "football" and "sport". Presence per document and smoothing toward the
+    # pooled distribution leave the two topic words in charge.
+    texts, y = generic_word_corpus()
+    nb = NaiveBayesText(2).fit(texts, y)
+    s = nb.scores(["football is the most popular sport in the world"])[0]
+    assert s[0] - s[1] > 0.5
+    assert nb.predict(["popular popular filleraa"])[0] == 1  # the generic word is still (weak) evidence
+
+
+def test_naive_bayes_counts_presence_and_equalises_class_mass():
+    nb = NaiveBayesText(2, min_count=1).fit(SPORT + MONEY, [0] * 4 + [1] * 4)
+    repeated = NaiveBayesText(2, min_count=1).fit([SPORT[0] + " goal goal goal"] + SPORT[1:] + MONEY, [0] * 4 + [1] * 4)
+    assert np.allclose(nb.log_p, repeated.log_p)  # "goal" once or four times in a document: one piece of evidence
+    doubled = NaiveBayesText(2, min_count=1).fit(SPORT * 3 + MONEY, [0] * 12 + [1] * 4)
+    assert np.allclose(nb.log_p, doubled.log_p)  # three copies of a class's text: same word distribution
+    assert np.allclose(np.exp(nb.log_p).sum(1), 1.0)
+    with pytest.raises(ValueError, match="smoothing"):
+        NaiveBayesText(2, smoothing=0.0)
+    empty = NaiveBayesText(2, min_count=5).fit(SPORT, [0] * 4)  # no word in 5 documents: everything is "other"
+    assert list(empty.predict(["goal match"])) == [1]
+
+
+def test_lexical_training_text_samples_across_the_file_order():
+    # BBC files are sorted by sub-topic (athletics ... tennis): the first n documents are not a sample
+    docs = [Document("bbc", f"sport/{i:03d}.txt", "sport", ("athletics" if i < 50 else "tennis") + f" text {i}")
+            for i in range(100)] + [Document("brown", f"c{i}", "brown", "words") for i in range(5)]
+    texts, labels = lexical_training_text(docs, 20)
+    assert labels.count("sport") == 20 and labels.count("brown") == 5
+    tennis = sum(t.startswith("tennis") for t in texts)
+    assert 4 <= tennis <= 16, tennis  # about half of a fair sample; first-20 gave none
+    assert lexical_training_text(docs, 20) == (texts, labels)  # deterministic
+
+
+# Short clear sentences per BBC topic (written for this test, not taken from the corpus).
+TOPIC_SENTENCES = {
+    "sport": ["football is the most popular sport in the world",
+              "the striker scored twice as united beat chelsea in the league",
+              "she won the tennis final in straight sets at wimbledon",
+              "the england rugby coach named his squad for the six nations",
+              "the sprinter broke the world record at the olympic games",
+              "the team lost the match after a late penalty"],
+    "tech": ["the new phone lets users download music and play games",
+             "hackers used a virus to attack computers over the internet",
+             "the software company released a new version of its web browser",
+             "broadband and mobile networks are growing fast",
+             "gamers can play online with the new console"],
+    "business": ["shares in the bank fell after profits dropped",
+                 "the economy grew faster than analysts expected last quarter",
+                 "the firm agreed to buy its rival in a billion dollar deal",
+                 "oil prices rose and the dollar fell against the euro",
+                 "the company cut jobs to reduce costs"],
+    "politics": ["the prime minister called a general election",
+                 "labour and the tories clashed over tax plans in parliament",
+                 "the home secretary defended the new terror laws",
+                 "voters will choose a new government in may",
+                 "the minister said the party would win the vote"],
+    "entertainment": ["the film won best picture at the oscars",
+                      "the band released a new album and went on tour",
+                      "the actress starred in a hit comedy show on television",
+                      "the singer topped the music charts with her latest single",
+                      "the director's new movie opened at the box office"],
+}
+
+
+def test_lexical_judge_trained_on_the_corpus_names_each_bbc_topic(assets):
+    """The lexical judge as the steering evaluation trains it (training documents of the split, up to 300 per
+    label, BBC topics as concepts, every other source "other") on short sentences of each topic (~3 s)."""
+    docs = load_labelled_documents(assets / "english-corpus.jsonl.gz")
+    texts, labels = lexical_training_text(split_documents(docs, 0.25, seed=0)[0], 300)
+    classes = list(TOPICS) + ["other"]
+    nb = NaiveBayesText(len(classes)).fit(texts, [classes.index(l) if l in TOPICS else len(TOPICS) for l in labels])
+    called = {t: [classes[i] for i in nb.predict(s)] for t, s in TOPIC_SENTENCES.items()}
+    assert called == {t: [t] * len(s) for t, s in TOPIC_SENTENCES.items()}, called
 
 
 def test_distinct_bigram_share():

@@ -4,8 +4,9 @@
   continuation (read at one hookpoint). Trained on labelled corpus windows with diverse negatives: the
   corpus's other labels and the model's own unsteered generations (class "other"), so that neutral text
   is not called on-topic; its held-out accuracy and its base rate on unsteered text are reported.
-- `NaiveBayesText`: multinomial naive Bayes over lowercase words of the text: a lexical judge that shares
-  nothing with the probe but the training labels.
+- `NaiveBayesText`: naive Bayes over lowercase content words of the text (word presence per document, equal
+  word mass per class, smoothing toward the pooled distribution): a lexical judge that shares nothing with
+  the probe but the training labels.
 - Fluency gates (a probe alone rates word salad and "the the the" on-topic): a continuation counts only if
   the unsteered model's per-token loss on it is within `loss_margin` nats of the unsteered continuations'
   mean, and its distinct-bigram share is at least `bigram_frac` of theirs (`FluencyReference`).
@@ -95,9 +96,23 @@ def words(text: str) -> list[str]:
 
 
 class NaiveBayesText:
-    """Multinomial naive Bayes over lowercase words (Laplace smoothing, uniform class prior)."""
+    """Naive Bayes over lowercase content words, made robust to generic words and to class sizes.
 
-    def __init__(self, n_classes: int, smoothing: float = 1.0, min_count: int = 2):
+    The plain multinomial form (word counts, add-one smoothing) let generic words decide short texts: BBC
+    tech articles use "popular", "people", "use" far more than sport articles, and "popular" (69 times in
+    tech, once in sport) weighed 3.3 nats toward tech, more than the word "sport" did, so "football is the
+    most popular sport in the world" went to tech whenever the sport sample was thin. So:
+    - each document counts a word once (presence): an article repeating a word is one piece of evidence;
+    - every class has the same total word mass (documents reweighted), with a uniform class prior: a class
+      with longer or more documents neither gains nor loses;
+    - Dirichlet smoothing toward the pooled (class-balanced) word distribution, with `smoothing` times the
+      class mass as prior mass (with equal masses: P(w | c) = (P_c(w) + smoothing * P_pooled(w)) /
+      (1 + smoothing)): a word common everywhere but rarely seen in one class is shrunk toward "no
+      evidence" instead of getting add-one's near-zero probability there."""
+
+    def __init__(self, n_classes: int, smoothing: float = 0.25, min_count: int = 2):
+        if smoothing <= 0:
+            raise ValueError(f"naive Bayes smoothing must be positive, got {smoothing}")
         self.n_classes, self.smoothing, self.min_count = n_classes, smoothing, min_count
         self.vocab: dict[str, int] = {}
         self.log_p: np.ndarray | None = None
@@ -106,20 +121,24 @@ class NaiveBayesText:
         y = np.asarray(y, int)
         if len(texts) != len(y) or len(y) == 0:
             raise ValueError("naive Bayes needs one label per text and at least one text")
+        present = [set(words(t)) for t in texts]
         totals: dict[str, int] = {}
-        tokenised = [words(t) for t in texts]
-        for ws in tokenised:
+        for ws in present:
             for w in ws:
                 totals[w] = totals.get(w, 0) + 1
         self.vocab = {w: i for i, w in enumerate(sorted(w for w, c in totals.items() if c >= self.min_count))}
         counts = np.zeros((self.n_classes, len(self.vocab)))
-        for ws, c in zip(tokenised, y):
-            for w in ws:
-                j = self.vocab.get(w)
-                if j is not None:
-                    counts[c, j] += 1
-        counts += self.smoothing
-        self.log_p = np.log(counts / counts.sum(1, keepdims=True))
+        for ws, c in zip(present, y):
+            idx = [self.vocab[w] for w in ws if w in self.vocab]
+            counts[c, idx] += 1
+        mass = counts.sum(1, keepdims=True)
+        dist = np.divide(counts, mass, out=np.zeros_like(counts), where=mass > 0)  # each class's word distribution
+        seen = mass[:, 0] > 0
+        if not seen.any():  # no word reaches min_count: every text will be "other"
+            self.log_p = np.zeros((self.n_classes, 0))
+            return self
+        # every class at one word mass m with prior mass smoothing * m toward the pooled distribution
+        self.log_p = np.log((dist + self.smoothing * dist[seen].mean(0)) / (1 + self.smoothing))
         return self
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
