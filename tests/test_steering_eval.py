@@ -18,9 +18,13 @@ from dictlearn.eval.steering.features import (
     vocab_projections,
 )
 from dictlearn.eval.steering.judges import FluencyReference, distinct_bigram_share
-from dictlearn.eval.steering.prompts import generate_continuations
+from dictlearn.eval.steering.page import page_html, write_continuations, write_page
+from dictlearn.eval.steering.prompts import generate_continuations, generate_rows, sample_rows
 from dictlearn.eval.steering.reading import read_sequences
-from dictlearn.eval.steering.records import Detection, Record, Summary
+from dictlearn.eval.steering.curves import gate_removed, gate_verdicts
+from dictlearn.eval.steering.records import Detection, Record, SteeringResult, Summary
+from dictlearn.eval.steering.runs import Generations
+from dictlearn.eval.steering.stats import wilson_interval
 from dictlearn.steering.calibrate import add_vector
 from dictlearn.steering.prompts import NEUTRAL_PROMPTS
 
@@ -52,6 +56,76 @@ def test_generation_is_seeded_and_steerable(tiny_gpt2):
     v[0] = 1.0
     steered = generate_continuations(tiny_gpt2, prompts, 2, 5, 1.0, 1.0, seed=3, pad_id=0, steer=(hp, v, 50.0))
     assert steered != a
+
+
+def test_a_condition_generates_the_same_alone_or_mixed_with_others(tiny_gpt2):
+    """Per-row steering and per-row random streams: a condition's continuations do not depend on which other
+    conditions share its batches, nor on the batch size (sampled, and greedy at temperature 0)."""
+    hp1, hp2 = resolve(tiny_gpt2, ["resid_post.1", "mlp_out.2"])
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    g = torch.Generator().manual_seed(0)
+    v, w = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    a = sample_rows(prompts, 2, 3, (hp1, 40.0 * v))
+    b = sample_rows(prompts, 2, 3, (hp2, -60.0 * w))
+    c = sample_rows(prompts, 2, 3)  # unsteered
+    other = sample_rows([[1, 2, 3, 4, 5, 6, 7]], 3, 4)  # longer prompts change no row's padding effect
+    for temperature in (1.0, 0.0):
+        alone = [generate_rows(tiny_gpt2, rows, 6, temperature, 1.0, 0, bs) for rows, bs in ((a, 4), (b, 5), (c, 64))]
+        mixed = generate_rows(tiny_gpt2, b + other + c + a, 6, temperature, 1.0, 0, 7)
+        assert mixed[:6] == alone[1] and mixed[9:15] == alone[2] and mixed[15:] == alone[0]
+        assert alone[0] != alone[2] and alone[1] != alone[2]  # the steering does change the text
+    sampled = generate_rows(tiny_gpt2, c, 6, 1.0, 1.0, 0, 4)
+    assert sampled[0] != sampled[1]  # two samples of one prompt draw different numbers
+    assert sampled == generate_rows(tiny_gpt2, c, 6, 1.0, 1.0, 0, 4)  # and the same ones each time
+    nucleus = generate_rows(tiny_gpt2, a + c, 6, 1.0, 0.5, 0, 5)
+    assert nucleus[:6] == generate_rows(tiny_gpt2, a, 6, 1.0, 0.5, 0, 3)
+
+
+def test_wilson_interval_known_answers():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+    assert wilson_interval(3, 16) == pytest.approx((0.06592, 0.43009), abs=1e-5)
+    assert wilson_interval(1, 2, confidence=0.9) == pytest.approx((0.12087, 0.87913), abs=1e-5)  # z = 1.645
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        wilson_interval(3, 2)
+
+
+def test_gate_shares_count_each_gate_on_its_own():
+    ref = FluencyReference(loss=2.0, bigram_share=1.0, loss_margin=1.0, bigram_frac=0.8)
+    loss = np.array([2.5, 3.5, 3.5, 1.0])  # the 2nd and 3rd are too surprising
+    share = np.array([0.9, 0.9, 0.5, 0.7])  # the 3rd and 4th repeat too much
+    loss_ok, bigram_ok = gate_verdicts(ref, loss, share)
+    assert loss_ok.tolist() == [True, False, False, True] and bigram_ok.tolist() == [True, True, False, False]
+    removed = gate_removed(ref, [Generations([], [], loss[:2], share[:2], None, {}),
+                                 Generations([], [], loss[2:], share[2:], None, {})])
+    assert (removed.loss, removed.bigram, removed.either) == (0.5, 0.5, 0.75)
+
+
+def test_page_escapes_text_and_shows_conditions_side_by_side(tmp_path):
+    def cont(record, vector, kind, concepts, kl, prompt_index, sample, text, on_topic, loss_ok=True):
+        return {"record": record, "kind": kind, "hookpoint": None if kind == "unsteered" else "resid_post.1",
+                "vector": vector, "feature": None, "concepts": concepts, "sampled": False, "kl_target": kl,
+                "kl": kl, "alpha": None, "sign": 0 if kl is None else 1, "prompt_index": prompt_index,
+                "sample": sample, "prompt": ["I <think>", "Yes & no"][prompt_index], "text": text, "loss": 2.0,
+                "loss_ok": loss_ok, "bigram_share": 1.0, "bigram_ok": True, "probe": "sport", "lexical": "other",
+                "judged": "sport" if on_topic else None, "on_topic": on_topic}
+    conts = [cont("unsteered", "unsteered", "unsteered", [], None, p, 0, f"plain {p}", False) for p in (0, 1)]
+    conts += [cont("diffmean@resid_post.1", "diffmean sport", "diffmean", ["sport"], 0.5, p, 0,
+                   "<script>alert('goal')</script>" if p == 0 else "the match", p == 1) for p in (0, 1)]
+    conts += [cont("diffmean@resid_post.1", "diffmean sport", "diffmean", ["sport"], 1.0, 0, 0, "other kl", False)]
+    conts += [cont("random@resid_post.1", "random 0", "random", [], 0.5, p, 0, "gated text", False, False)
+              for p in (0, 1)]
+    result = SteeringResult({"summary_kl": 0.5, "signs": [1], "samples_per_prompt": 1, "concepts": ["sport"]}, None,
+                            None, {"diffmean@resid_post.1": None, "random@resid_post.1": None}, {}, None, conts)
+    page = page_html(result)
+    assert "<script>" not in page and "&lt;script&gt;alert(&#x27;goal&#x27;)&lt;/script&gt;" in page
+    assert "I &lt;think&gt;" in page and "Yes &amp; no" in page
+    assert "other kl" not in page  # only the summary KL is shown side by side
+    head = page.index("<table class='side'>")
+    assert page.index("unsteered", head) < page.index("diffmean@resid_post.1", head) < page.index("random@resid_post.1", head)
+    assert page.count('class="on"') == 1 and page.count('class="gated"') == 2
+    assert "1/2" in page  # DiffMean: one of two on-topic in the per-column table
 
 
 def test_vocab_projection_is_the_logit_lens(tiny_gpt2):
@@ -151,8 +225,9 @@ def test_best_feature_is_chosen_on_train_and_scored_on_held_out(known_decomposer
     assert best_feature_per_concept(dec, tr, ytr, te, yte, ["sport"], live=np.arange(2))["sport"].feature != 2
 
 
-def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus, known_decomposers):
-    """Every record has the same keys, whatever kind of vector it holds."""
+def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus, known_decomposers, tmp_path):
+    """Every record has the same keys, whatever kind of vector it holds; every summary row has its interval,
+    its n and its gate shares, counted from the stored continuations."""
     LinearReLU = known_decomposers.LinearReLU
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((32, 12)) / np.sqrt(32)).astype(np.float32)
@@ -175,7 +250,7 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus, known_decomposer
     assert len({frozenset(r["summary"]) for r in recs.values()}) == 1
     assert [r["kind"] for r in recs.values()] == ["test_linear_relu", "diffmean", "random"]
     planted = recs["planted"]
-    assert set(planted["detection"]["sport"]) == {"feature", "auc_train", "auc"}
+    assert {"feature", "auc_train", "auc"} <= set(planted["detection"]["sport"])
     assert planted["detection"]["sport"]["auc_train"] >= 0.5  # the best of 12 features on the training windows
     curve = [(e["sign"], e["kl_target"]) for e in planted["feature_curve"]]
     assert curve == [(1, 0.002), (1, 0.005), (-1, 0.002), (-1, 0.005)]
@@ -191,6 +266,37 @@ def test_record_schema_on_a_tiny_model(tiny_gpt2, smol, corpus, known_decomposer
     judges = res["judges"]
     assert judges["classes"] == ["sport", "other"] and judges["probe_hookpoint"] == "resid_post.1"
     assert set(judges["base_rate"]["sport"]) == {"probe", "lexical", "both", "judged"}
+
+    # every condition's continuations are stored: the unsteered run + each vector at 2 targets x 2 signs
+    conts = result.continuations
+    assert "continuations" not in res
+    n_vectors = len(res["features"]["planted"]) + len({d["feature"] for d in planted["detection"].values()}
+                                                      - set(res["features"]["planted"])) + 2  # + DiffMean, random
+    assert len(conts) == (1 + 4 * n_vectors) * 4
+    assert len({(c["record"], c["vector"], c["kl_target"], c["sign"]) for c in conts}) == 1 + 4 * n_vectors
+    for name, r in recs.items():
+        s = r["summary"]
+        lo, hi = s["concept_rate_ci"]
+        assert 0.0 <= lo <= s["concept_rate"] <= hi <= 1.0 and hi > lo  # never an empty interval
+        assert s["n_continuations"] == 4
+        g = s["gate_removed"]
+        assert max(g["loss"], g["bigram"]) <= g["either"] <= g["loss"] + g["bigram"] + 1e-12
+        for e in r["concept_curve"]:  # the curve's counts are the stored verdicts
+            mine = [c for c in conts if c["record"] == name and c["kl_target"] == e["kl_target"]
+                    and c["sign"] == e["sign"] and (name.startswith("random") or "sport" in c["concepts"])]
+            assert len(mine) == e["n"]
+            fluent = np.mean([c["loss_ok"] and c["bigram_ok"] for c in mine])
+            assert e["gate_removed"]["either"] == pytest.approx(1 - fluent)
+            if not name.startswith("random"):
+                assert sum(c["on_topic"] for c in mine) == e["per_concept"]["sport"]["k"]
+    human = res["human_text_gates"]
+    assert human["n"] > 0 and 0.0 <= human["rejected"]["either"] <= 1.0
+    write_continuations(tmp_path, result)
+    write_page(tmp_path, result)
+    lines = (tmp_path / "continuations.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(conts))
+    page = (tmp_path / "index.html").read_text()
+    assert "unsteered" in page and "diffmean@resid_post.1" in page and "random@resid_post.1" in page
 
 
 def test_semi_nmf_evaluates_at_the_mlp_hidden_site(tiny_gpt2, smol, corpus):

@@ -11,13 +11,31 @@ from dictlearn.eval.steering.records import (
     ConceptScore,
     FeatureCurvePoint,
     FeaturePoint,
+    GateRemoved,
     RandomConceptScore,
 )
 from dictlearn.eval.steering.runs import Generations, SteeringRuns, VectorKey
-from dictlearn.eval.steering.stats import compare_rates, harmonic_mean, mean_or_none, shift_p_value
+from dictlearn.eval.steering.stats import compare_rates, harmonic_mean, mean_or_none, shift_p_value, wilson_interval
 
 _FEATURE_MEANS = ("kl", "concept", "concept_raw", "concept_gain_over_random", "output_token_mass",
                   "output_token_mass_random", "loss_delta", "bigram_ratio", "fluency", "combined")
+
+
+def gate_verdicts(ref: FluencyReference, losses, shares) -> tuple[np.ndarray, np.ndarray]:
+    """Per continuation: (passes the loss gate, passes the bigram gate), each asked of `ref.gate` alone
+    (the other value set so that its gate always passes)."""
+    losses, shares = np.asarray(losses, float), np.asarray(shares, float)
+    return ref.gate(losses, np.full(shares.shape, np.inf)), ref.gate(np.full(losses.shape, -np.inf), shares)
+
+
+def gate_removed(ref: FluencyReference, gens: list[Generations]) -> GateRemoved:
+    """Share of these continuations each fluency gate rejects."""
+    loss_ok, bigram_ok = gate_verdicts(ref, np.concatenate([g.loss for g in gens]), np.concatenate([g.bigram for g in gens]))
+    return GateRemoved(float((~loss_ok).mean()), float((~bigram_ok).mean()), float((~(loss_ok & bigram_ok)).mean()))
+
+
+def _ci(rate: float | None, n: int) -> list[float] | None:
+    return list(wilson_interval(rate * n, n)) if rate is not None and n > 0 else None
 
 
 def feature_curve(runs: SteeringRuns, name: str, features: list[int], ref: FluencyReference,
@@ -35,9 +53,10 @@ def feature_curve(runs: SteeringRuns, name: str, features: list[int], ref: Fluen
         for t in cfg.kl_targets:
             runs.log(f"steering: {name} features {features} at KL {t} sign {s:+d}")
             rand = runs.random_runs(hp_name, t, s)
-            per = []
+            per, gens = [], []
             for f in features:
                 g = runs.run(("feature", name, f), t, s)
+                gens.append(g)
                 a_s = g.feature_means[name][:, col[f]]
                 a_b = base.feature_means[name][:, col[f]]
                 a_r = np.concatenate([r.feature_means[name][:, col[f]] for r in rand])
@@ -60,7 +79,7 @@ def feature_curve(runs: SteeringRuns, name: str, features: list[int], ref: Fluen
             means = {k: mean_or_none(getattr(q, k) for q in per) for k in _FEATURE_MEANS}
             curve.append(FeatureCurvePoint(sign=s, kl_target=t, **means,
                                            significant_fraction=float(np.mean([q.p_value < cfg.alpha for q in per])),
-                                           n_features=len(per), per_feature=per))
+                                           n_features=len(per), per_feature=per, gate_removed=gate_removed(ref, gens)))
     return curve
 
 
@@ -100,18 +119,22 @@ def concept_curve(runs: SteeringRuns, judge: ConceptJudge | None, ref: FluencyRe
                     p_value=compare_rates(k, n, kr, nr, alternative)["p_fisher"], kl=g.calibration.kl,
                     loss_delta=flu.loss_delta, bigram_ratio=flu.bigram_ratio, fluency=flu.fluency,
                     combined=harmonic_mean(concept, flu.fluency), probe_rate=shares.probe_rate,
-                    lexical_rate=shares.lexical_rate, both_rate=shares.both_rate, fluent_share=shares.fluent_share)
+                    lexical_rate=shares.lexical_rate, both_rate=shares.both_rate, fluent_share=shares.fluent_share,
+                    rate_ci=_ci(rate, n), gate_removed=gate_removed(ref, [g]))
             vs = list(per.values())
+            rate = mean_or_none(v.rate for v in vs)
+            n = sum(v.n for v in vs)
             pooled = compare_rates(sum(v.k for v in vs), sum(v.n for v in vs), sum(v.k_random for v in vs),
                                    sum(v.n_random for v in vs), alternative)["p_fisher"]
             curve.append(ConceptCurvePoint(
-                sign=s, kl_target=t, kl=mean_or_none(v.kl for v in vs), concept_rate=mean_or_none(v.rate for v in vs),
+                sign=s, kl_target=t, kl=mean_or_none(v.kl for v in vs), concept_rate=rate,
                 random_rate=mean_or_none(v.random_rate for v in vs),
                 unsteered_rate=mean_or_none(v.unsteered_rate for v in vs),
                 gain_over_random=mean_or_none(v.gain_over_random for v in vs), p_value=pooled,
                 significant=pooled < cfg.alpha, loss_delta=mean_or_none(v.loss_delta for v in vs),
                 bigram_ratio=mean_or_none(v.bigram_ratio for v in vs), fluency=mean_or_none(v.fluency for v in vs),
-                combined=mean_or_none(v.combined for v in vs), n=sum(v.n for v in vs), per_concept=per))
+                combined=mean_or_none(v.combined for v in vs), n=n, per_concept=per, concept_rate_ci=_ci(rate, n),
+                gate_removed=gate_removed(ref, [runs.run(key, t, s) for key in keys.values()])))
     return curve
 
 
@@ -137,11 +160,12 @@ def random_curve(runs: SteeringRuns, judge: ConceptJudge | None, ref: FluencyRef
                         both_rate=mean_or_none(x.both_rate for x in shares),
                         fluent_share=mean_or_none(x.fluent_share for x in shares))
             rate = mean_or_none(v.rate for v in per.values())
+            n = sum(len(r.loss) for r in rand)
             curve.append(ConceptCurvePoint(
                 sign=s, kl_target=t, kl=mean_or_none(r.calibration.kl for r in rand), concept_rate=rate,
                 random_rate=rate, unsteered_rate=mean_or_none(v.unsteered_rate for v in per.values()),
                 gain_over_random=None, p_value=None, significant=None, loss_delta=flu.loss_delta,
                 bigram_ratio=flu.bigram_ratio, fluency=flu.fluency,
                 combined=harmonic_mean(rate, flu.fluency) if rate is not None else None,
-                n=sum(len(r.loss) for r in rand), per_concept=per))
+                n=n, per_concept=per, concept_rate_ci=_ci(rate, n), gate_removed=gate_removed(ref, rand)))
     return curve

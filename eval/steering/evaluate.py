@@ -1,9 +1,11 @@
 """The steering evaluation's orchestration: every decomposer's features, DiffMean and random directions,
-calibrated to the same KL budget, generated from, read back and judged."""
+calibrated to the same KL budget, generated from (all conditions in shared batches), read back and judged;
+every judged continuation kept (continuations.jsonl and the side-by-side page, `page.py`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -11,22 +13,24 @@ import torch
 
 from dictlearn.eval.steering.config import SteeringConfig
 from dictlearn.eval.steering.corpus import LabelledWindows, labelled_windows, lexical_training_text
-from dictlearn.eval.steering.curves import concept_curve, feature_curve, random_curve
+from dictlearn.eval.steering.curves import concept_curve, feature_curve, gate_removed, gate_verdicts, random_curve
 from dictlearn.eval.steering.features import best_feature_per_concept, cache_feature_stats, token_feature_stats
-from dictlearn.eval.steering.judges import OTHER, ConceptJudge, FluencyReference
+from dictlearn.eval.steering.judges import OTHER, ConceptJudge, FluencyReference, distinct_bigram_share
 from dictlearn.eval.steering.prompts import JUDGE_PROMPTS
+from dictlearn.eval.steering.reading import read_sequences
 from dictlearn.eval.steering.records import (
     CalibrationSummary,
     ConceptCurvePoint,
     Detection,
     FeatureCurvePoint,
+    HumanTextGates,
     JudgesReport,
     Record,
     SteeringResult,
     Summary,
     Unsteered,
 )
-from dictlearn.eval.steering.runs import Generations, SteeringRuns, VectorKey
+from dictlearn.eval.steering.runs import UNSTEERED, Generations, SteeringRuns, VectorKey
 from dictlearn.eval.steering.stats import detection_auc, mean_or_none
 
 
@@ -35,15 +39,23 @@ NOT_STEERED = ("its latents write to several layers at once, and steering adds o
 
 
 def evaluate_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, Any], cache: Any = None,
-                      cfg: SteeringConfig | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                      cfg: SteeringConfig | None = None, log: Callable[[str], None] | None = None,
+                      out_dir: str | Path | None = None) -> dict[str, Any]:
     """Score steering by every decomposer, DiffMean and random directions at equal KL: the JSON form of
     `run_steering` (what steering.json holds and the report reads), with `skipped` ({name: why}) naming the
-    decomposers left out (those with a site axis)."""
+    decomposers left out (those with a site axis). With `out_dir` (the run's eval/steering/), every judged
+    continuation goes to out_dir/continuations.jsonl and the side-by-side page to out_dir/index.html."""
+    from dictlearn.eval.steering.page import write_continuations, write_page
+
     steerable = {n: d for n, d in decomposers.items() if not d.site_axis}
     skipped = {n: NOT_STEERED for n in decomposers if n not in steerable}
     if not steerable and skipped and not (cfg and cfg.hookpoints):
         return {"records": {}, "skipped": skipped}
-    return {**run_steering(model, tokenizer, steerable, cache, cfg, log).to_json(), "skipped": skipped}
+    result = run_steering(model, tokenizer, steerable, cache, cfg, log)
+    if out_dir is not None:
+        write_continuations(out_dir, result)
+        write_page(out_dir, result)
+    return {**result.to_json(), "skipped": skipped}
 
 
 def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, Any], cache: Any = None,
@@ -89,18 +101,7 @@ def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, 
         runs.feature_max[n] = fmax
         log(f"steering: {n}: {len(live)}/{d.config.n_features} features live on {n_tok} tokens; sampled {sampled[n]}")
 
-    # 3. unsteered reference continuations
-    log(f"steering: unsteered continuations ({len(runs.repeated_prompts)})")
-    base = runs.read_generations(runs.generate(runs.prompts, cfg.samples_per_prompt, cfg.seed), runs.repeated_prompts)
-    ref = FluencyReference.of(base.loss, base.bigram, cfg.loss_margin, cfg.bigram_frac)
-
-    # 4. judges
-    judge, judges_report = None, None
-    if cfg.concepts:
-        judge, judges_report = _train_judge(runs, windows, base, ref)
-        log(f"steering: judges trained: {judges_report.heldout_accuracy}")
-
-    # 5. vectors: decomposer features, DiffMean per (hookpoint, concept), random per hookpoint
+    # 3. vectors: decomposer features, DiffMean per (hookpoint, concept), random per hookpoint
     for n in decomposers:
         hp, dirs = runs.sites[n]
         for f in runs.tracked[n]:
@@ -113,7 +114,18 @@ def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, 
         for r in range(cfg.n_random):
             direction = np.random.default_rng([cfg.seed, 7919, r]).standard_normal(hp.width)
             runs.add_vector(("random", hp_name, r), hp_name, direction)
-    log(f"steering: {len(runs.vectors)} vectors calibrated at KL {cfg.kl_targets} (both signs)")
+    log(f"steering: {len(runs.vectors)} vectors calibrated at KL {cfg.kl_targets} (signs {cfg.signs})")
+
+    # 4. every condition and the unsteered reference, generated and read back in shared batches
+    runs.generate_all()
+    base = runs.base
+    ref = FluencyReference.of(base.loss, base.bigram, cfg.loss_margin, cfg.bigram_frac)
+
+    # 5. judges
+    judge, judges_report = None, None
+    if cfg.concepts:
+        judge, judges_report = _train_judge(runs, windows, base, ref)
+        log(f"steering: judges trained: {judges_report.heldout_accuracy}")
 
     # 6. records
     records: dict[str, Record] = {}
@@ -138,7 +150,12 @@ def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, 
 
     config = dataclasses.asdict(cfg)
     config["probe_hookpoint"] = runs.probe_hp.name
-    return SteeringResult(config, judges_report, Unsteered(ref.loss, ref.bigram_share, len(base.loss)), records, sampled)
+    human = _human_text_gates(runs, windows, ref) if cfg.concepts else None
+    if human is not None:
+        log(f"steering: the fluency gates reject {human.rejected.either:.0%} of {human.n} held-out on-topic "
+            f"human windows (loss {human.rejected.loss:.0%}, bigram {human.rejected.bigram:.0%})")
+    return SteeringResult(config, judges_report, Unsteered(ref.loss, ref.bigram_share, len(base.loss)), records, sampled,
+                          human, judged_continuations(runs, judge, ref, detection, sampled))
 
 
 def _feature_stats(runs: SteeringRuns, name: str, dec: Any, cache: Any,
@@ -160,9 +177,8 @@ def _train_judge(runs: SteeringRuns, windows: LabelledWindows, base: Generations
     of the judge prompts as extra "other" negatives; report their held-out accuracy and unsteered base rate."""
     cfg = runs.cfg
     jp = [runs.tok(p, add_special_tokens=False)["input_ids"] for p in JUDGE_PROMPTS]
-    rep = [p for p in jp for _ in range(cfg.judge_samples_per_prompt)]
-    runs.log(f"steering: {len(rep)} unsteered continuations of judge prompts as negatives")
-    neg = runs.read_generations(runs.generate(jp, cfg.judge_samples_per_prompt, cfg.seed + 1), rep, with_features=False)
+    runs.log(f"steering: {len(jp) * cfg.judge_samples_per_prompt} unsteered continuations of judge prompts as negatives")
+    neg = runs.judge_negatives(jp, cfg.judge_samples_per_prompt, cfg.seed + 1)
     tr, te, probe = windows.train, windows.test, runs.probe_hp.name
     x = np.concatenate([tr.pooled[probe], neg.probe_x])
     labels = list(tr.labels) + [OTHER] * len(neg.texts)
@@ -185,10 +201,70 @@ def _train_judge(runs: SteeringRuns, windows: LabelledWindows, base: Generations
     return judge, report
 
 
+def _human_text_gates(runs: SteeringRuns, windows: LabelledWindows, ref: FluencyReference) -> HumanTextGates:
+    """The fluency gates on the held-out windows of the concepts (human text), read like continuations."""
+    test = windows.test
+    seqs = [s for s, lab in zip(test.seqs, test.labels) if lab in runs.cfg.concepts and len(s) > 1]
+    read = read_sequences(runs.model, seqs, [1] * len(seqs), [runs.probe_hp], with_loss=True,
+                          batch_size=max(1, runs.cfg.batch_size // 2))
+    bigram = np.array([distinct_bigram_share(s[1:]) for s in seqs])
+    gens = [Generations([], [], read.loss, bigram, None, {})]
+    return HumanTextGates(n=len(seqs), window_tokens=runs.cfg.window_tokens, loss_mean=float(read.loss.mean()),
+                          bigram_share_mean=float(bigram.mean()), reference_loss=ref.loss,
+                          reference_bigram_share=ref.bigram_share, rejected=gate_removed(ref, gens))
+
+
+def _vector_label(runs: SteeringRuns, key: VectorKey, detection: dict[str, dict[str, Detection]],
+                  sampled: dict[str, list[int]]) -> dict[str, Any]:
+    """Which record a vector belongs to and what it is (for the stored continuations)."""
+    if key == UNSTEERED:
+        return {"record": "unsteered", "kind": "unsteered", "hookpoint": None, "vector": "unsteered",
+                "feature": None, "concepts": [], "sampled": False}
+    what, owner, ident = key
+    if what == "feature":
+        concepts = [c for c, d in detection[owner].items() if d.feature == ident]
+        return {"record": owner, "kind": runs.decs[owner].kind, "hookpoint": runs.sites[owner][0].name,
+                "vector": f"feature {ident}", "feature": int(ident), "concepts": concepts,
+                "sampled": int(ident) in sampled[owner]}
+    return {"record": f"{what}@{owner}", "kind": what, "hookpoint": owner, "feature": None,
+            "vector": f"{what} {ident}", "concepts": [ident] if what == "diffmean" else [], "sampled": False}
+
+
+def judged_continuations(runs: SteeringRuns, judge: ConceptJudge | None, ref: FluencyReference,
+                         detection: dict[str, dict[str, Detection]], sampled: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Every generated continuation with its condition, each judge's verdict and each gate's value and verdict.
+    "judged": the concept both judges name when it passes both gates (else None); "on_topic": judged is one of
+    the vector's own concepts (any concept for vectors without one)."""
+    out = []
+    spp = runs.cfg.samples_per_prompt
+    for (key, target, sign), g in runs.runs().items():
+        label = _vector_label(runs, key, detection, sampled)
+        loss_ok, bigram_ok = gate_verdicts(ref, g.loss, g.bigram)
+        probe = lexical = None
+        if judge is not None:
+            probe, lexical = judge.predict(g.probe_x, g.texts)
+        for r, text in enumerate(g.texts):
+            verdicts = {"probe": None, "lexical": None, "judged": None, "on_topic": None}
+            if judge is not None:
+                p, lx = judge.classes[int(probe[r])], judge.classes[int(lexical[r])]
+                fluent = bool(loss_ok[r] and bigram_ok[r])
+                judged = p if (p == lx and p in runs.cfg.concepts and fluent) else None
+                on_topic = judged is not None and (judged in label["concepts"] or not label["concepts"])
+                verdicts = {"probe": p, "lexical": lx, "judged": judged, "on_topic": on_topic}
+            out.append({**label, "kl_target": target, "kl": g.calibration.kl if g.calibration else None,
+                        "alpha": g.calibration.alpha if g.calibration else None, "sign": sign,
+                        "prompt_index": r // spp, "sample": r % spp, "prompt": runs.prompt_texts[r // spp],
+                        "text": text, "loss": float(g.loss[r]), "loss_ok": bool(loss_ok[r]),
+                        "bigram_share": float(g.bigram[r]), "bigram_ok": bool(bigram_ok[r]), **verdicts})
+    return out
+
+
 def _calibration_summary(runs: SteeringRuns, keys: list[VectorKey]) -> CalibrationSummary:
-    cals = [c for k in keys for s in (1, -1) for c in runs.cals[k][s]]
+    cals = [c for k in keys for s in runs.cfg.signs for c in runs.cals[k][s]]
 
     def alpha_over_norm(t: float, s: int) -> float | None:
+        if s not in runs.cfg.signs:
+            return None
         return mean_or_none(abs(c.alpha) / c.activation_norm for c in (runs.calibration(k, t, s) for k in keys))
 
     return CalibrationSummary(

@@ -1,13 +1,22 @@
-"""Prompts and batched, seeded generation of (optionally steered) continuations."""
+"""Prompts and batched, seeded generation of (optionally steered) continuations.
+
+Generation is by rows: each row has its prompt, its own random stream and its own steering (what is added
+at which hookpoint), so one batch can hold many conditions (different vectors, strengths, signs and the
+unsteered model) and a row's continuation does not depend on what else is in its batch: the same seed gives
+the same text whether a condition is generated alone or mixed with others.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from dictlearn.activations.hookpoints import Hookpoint, intervene
-from dictlearn.steering.calibrate import add_vector
 
 # Disjoint from dictlearn.steering.prompts.NEUTRAL_PROMPTS: unsteered continuations of these are the judges' "other" negatives.
 JUDGE_PROMPTS: tuple[str, ...] = (
@@ -16,31 +25,110 @@ JUDGE_PROMPTS: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Row:
+    """One continuation to generate: its prompt, its own random stream, and what is added where."""
+
+    prompt: tuple[int, ...]
+    seed: tuple[int, ...]  # e.g. (seed, prompt index, sample index): the row's own sampling stream
+    steer: tuple[Hookpoint, torch.Tensor] | None = None  # (hookpoint, the vector added at every position)
+
+
+def row_generator(seed: Sequence[int]) -> torch.Generator:
+    """A torch generator seeded from a tuple of integers (through numpy's SeedSequence, so nearby tuples
+    give unrelated streams)."""
+    state = int(np.random.SeedSequence([int(s) for s in seed]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(state)
+
+
+class RowSampler(LogitsProcessor):
+    """Sampling from softmax(logits / temperature) (nucleus top_p) with each row's own generator, by the
+    Gumbel-max trick: the noisy scores' argmax is a sample, so greedy decoding of them samples, and a row's
+    draws depend on its own seed only, never on the other rows of the batch. temperature 0: greedy."""
+
+    def __init__(self, seeds: Sequence[Sequence[int]], temperature: float, top_p: float):
+        self.generators = [row_generator(s) for s in seeds]
+        self.temperature, self.top_p = float(temperature), float(top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return scores
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)  # mass of the better tokens
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, before >= self.top_p)
+            scores = scores.masked_fill(drop, -float("inf"))
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        return scores - torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
+def _added(rows: Sequence[Row]) -> dict[str, tuple[Hookpoint, torch.Tensor]]:
+    """Per hookpoint steered in this batch: (hookpoint, (B, d) what each row adds there; zero rows add nothing)."""
+    out: dict[str, tuple[Hookpoint, torch.Tensor]] = {}
+    for i, r in enumerate(rows):
+        if r.steer is None:
+            continue
+        hp, vec = r.steer
+        if hp.name not in out:
+            out[hp.name] = (hp, torch.zeros((len(rows), vec.shape[-1]), dtype=torch.float32))
+        out[hp.name][1][i] = vec.detach().float().reshape(-1)
+    return out
+
+
+def _add_rows(delta: torch.Tensor):
+    """fn for `hookpoints.intervene`: row i of the batch gets delta[i] at every position."""
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        return h + delta.to(device=h.device, dtype=h.dtype)[:, None, :]
+    return fn
+
+
+def generate_rows(model: torch.nn.Module, rows: Sequence[Row], max_new_tokens: int, temperature: float,
+                  top_p: float, pad_id: int, batch_size: int = 64) -> list[list[int]]:
+    """The continuation of each row (exactly max_new_tokens each; end-of-text suppressed), in row order.
+
+    Every prompt is left-padded to the longest prompt of the call, so a row's input is the same in whatever
+    batch it lands; steering is added per row at each hookpoint some row of the batch steers. The caller's
+    torch RNG state is left untouched (sampling uses the rows' own generators)."""
+    if not rows:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(r.prompt) for r in rows)
+    out: list[list[int]] = []
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b: b + batch_size]
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, row in enumerate(batch):  # left padding: generation continues from the right end
+            ids[r, width - len(row.prompt):] = torch.tensor(row.prompt)
+            mask[r, width - len(row.prompt):] = 1
+        sampler = RowSampler([row.seed for row in batch], temperature, top_p)
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for hp, delta in _added(batch).values():
+                stack.enter_context(intervene(model, hp, _add_rows(delta)))
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=pad_id,
+                                 logits_processor=LogitsProcessorList([sampler]))
+        out.extend(gen[:, width:].cpu().tolist())
+    return out
+
+
+def sample_rows(prompt_ids: Sequence[Sequence[int]], n_samples: int, seed: int,
+                steer: tuple[Hookpoint, torch.Tensor] | None = None) -> list[Row]:
+    """Rows for every prompt x sample (prompt-major), row (i, j) seeded by (seed, i, j): every condition
+    generated with the same seed draws the same random numbers for the same prompt and sample (common random
+    numbers), so steered and unsteered runs differ by the steering only."""
+    return [Row(tuple(int(t) for t in p), (int(seed), i, j), steer) for i, p in enumerate(prompt_ids)
+            for j in range(n_samples)]
+
+
 def generate_continuations(model: torch.nn.Module, prompt_ids: list[list[int]], n_samples: int, max_new_tokens: int,
                            temperature: float, top_p: float, seed: int, pad_id: int,
                            steer: tuple[Hookpoint, torch.Tensor, float] | None = None,
                            batch_size: int = 16) -> list[list[int]]:
-    """Sampled continuations (exactly max_new_tokens each; end-of-text suppressed), prompt-major order.
-
-    The same seed gives every condition the same random stream (common random numbers), so steered and
-    unsteered runs differ by the steering only. `steer` = (hookpoint, unit vector, alpha) adds alpha * v at
-    every position through `hookpoints.intervene`. The caller's torch RNG state is left untouched."""
-    device = next(model.parameters()).device
-    rows = [p for p in prompt_ids for _ in range(n_samples)]
-    out: list[list[int]] = []
-    ctx = intervene(model, steer[0], add_vector(steer[1], steer[2])) if steer else contextlib.nullcontext()
-    with ctx, torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for b in range(0, len(rows), batch_size):
-            batch = rows[b: b + batch_size]
-            T = max(len(p) for p in batch)
-            ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            for r, p in enumerate(batch):  # left padding: generation continues from the right end
-                ids[r, T - len(p):] = torch.tensor(p)
-                mask[r, T - len(p):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=0, pad_token_id=pad_id)
-            out.extend(gen[:, T:].cpu().tolist())
-    return out
+    """Sampled continuations of every prompt, n_samples each, prompt-major order (one condition:
+    `steer` = (hookpoint, unit vector, alpha) adds alpha * v at every position)."""
+    added = (steer[0], float(steer[2]) * steer[1].detach().float()) if steer else None
+    return generate_rows(model, sample_rows(prompt_ids, n_samples, seed, added), max_new_tokens, temperature,
+                         top_p, pad_id, batch_size)

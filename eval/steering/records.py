@@ -24,6 +24,15 @@ class Fluency:
 
 
 @dataclass(frozen=True)
+class GateRemoved:
+    """Share of a set of continuations each fluency gate rejects (whatever the judges say of them)."""
+
+    loss: float  # loss more than loss_margin nats above the unsteered continuations' mean
+    bigram: float  # distinct-bigram share under bigram_frac of the unsteered continuations'
+    either: float  # rejected by at least one gate (1 - the fluent share)
+
+
+@dataclass(frozen=True)
 class JudgeShares:
     """Share of continuations each part of the judge accepts (to see which one limits the judged rate)."""
 
@@ -92,6 +101,7 @@ class FeatureCurvePoint:
     significant_fraction: float  # share of features with p < cfg.alpha
     n_features: int
     per_feature: list[FeaturePoint]
+    gate_removed: GateRemoved | None = None  # over every sampled feature's continuations
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,8 @@ class ConceptScore:
     lexical_rate: float
     both_rate: float
     fluent_share: float
+    rate_ci: list[float] | None = None  # 95 % Wilson interval of rate over its n continuations
+    gate_removed: GateRemoved | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,8 @@ class ConceptCurvePoint:
     combined: float | None
     n: int
     per_concept: dict[str, ConceptScore] | dict[str, RandomConceptScore]
+    concept_rate_ci: list[float] | None = None  # 95 % Wilson interval of concept_rate over n continuations
+    gate_removed: GateRemoved | None = None  # over the n continuations
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,9 @@ class Summary:
     # IO's (eval/steering/io_scores.py), means over concepts of the best features' scores (None: no concept)
     input_score: float | None = None
     output_score: float | None = None
+    concept_rate_ci: list[float] | None = None  # 95 % Wilson interval of concept_rate
+    n_continuations: int | None = None  # continuations concept_rate is measured on (the concept curve's n)
+    gate_removed: GateRemoved | None = None  # of those continuations (the sampled features' without concepts)
 
     @classmethod
     def at(cls, kl_target: float, detection_auc: float | None, feature_curve: list[FeatureCurvePoint],
@@ -180,7 +197,9 @@ class Summary:
                    concept_rate=cc.concept_rate if cc else None, gain_over_random=cc.gain_over_random if cc else None,
                    p_value=cc.p_value if cc else None, fluency=cc.fluency if cc else None,
                    combined=cc.combined if cc else None, feature_concept=fc.concept if fc else None,
-                   feature_fluency=fc.fluency if fc else None, feature_combined=fc.combined if fc else None)
+                   feature_fluency=fc.fluency if fc else None, feature_combined=fc.combined if fc else None,
+                   concept_rate_ci=cc.concept_rate_ci if cc else None, n_continuations=cc.n if cc else None,
+                   gate_removed=cc.gate_removed if cc else (fc.gate_removed if fc else None))
 
 
 @dataclass(frozen=True)
@@ -221,12 +240,33 @@ class Unsteered:
 
 
 @dataclass(frozen=True)
+class HumanTextGates:
+    """The fluency gates applied to human text: held-out corpus windows of the concepts, read like a
+    continuation (per-token loss under the model, distinct-bigram share). The gates are calibrated on the
+    model's own samples (temperature < 1 text is far more predictable than human text), so they reject
+    most human text: a steered continuation passes only by staying as predictable as the model's own."""
+
+    n: int  # held-out on-topic windows
+    window_tokens: int
+    loss_mean: float
+    bigram_share_mean: float
+    reference_loss: float  # the unsteered continuations' (the gates' reference)
+    reference_bigram_share: float
+    rejected: GateRemoved  # share of the windows each gate rejects
+
+
+@dataclass(frozen=True)
 class SteeringResult:
     config: dict[str, Any]  # the SteeringConfig used, with the resolved probe hookpoint
     judges: JudgesReport | None  # None without concepts
     unsteered: Unsteered
     records: dict[str, Record] = field(default_factory=dict)
     features: dict[str, list[int]] = field(default_factory=dict)  # decomposer -> sampled feature ids
+    human_text_gates: HumanTextGates | None = None  # None without concepts
+    # every judged continuation (one dict each, continuations.jsonl's lines); not part of steering.json
+    continuations: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, continuations=[]))
+        del out["continuations"]
+        return out

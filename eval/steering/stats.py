@@ -1,4 +1,5 @@
-"""Statistics of steering: rate comparisons, detection AUC, the combined score and a None-tolerant mean."""
+"""Statistics of steering: rate comparisons and intervals, detection AUC, the combined score and a
+None-tolerant mean."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ def compare_rates(k_a: int, n_a: int, k_b: int, n_b: int, alternative: str = "gr
     z = 0.0 if se == 0 else (pa - pb) / se
     p_z = float(stats.norm.sf(z) if alternative == "greater" else stats.norm.cdf(z)) if se > 0 else 1.0
     return {"rate_a": pa, "rate_b": pb, "diff": pa - pb, "p_fisher": float(p_fisher), "z": z, "p_z": p_z}
+
+
+def wilson_interval(k: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a rate k/n: unlike the normal approximation it stays inside [0, 1] and is
+    not empty at k = 0 or k = n (0 of 16 on-topic is not a rate of exactly 0). k may be fractional (a mean of
+    rates over n continuations)."""
+    if not (n > 0 and 0 <= k <= n and 0 < confidence < 1):
+        raise ValueError(f"need n > 0, 0 <= k <= n and 0 < confidence < 1, got k={k}, n={n}, confidence={confidence}")
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p, z2 = k / n, z * z / n
+    centre = (p + z2 / 2) / (1 + z2)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n)) / (1 + z2)
+    lo, hi = (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+    return lo, hi
 
 
 def shift_p_value(steered: np.ndarray, reference: np.ndarray, sign: int) -> float:
