@@ -51,6 +51,9 @@ DENSE_THRESHOLD = 0.1
 NORM_FLOOR = 1e-4  # SAEBench: inputs with a smaller norm divide the L2 ratio by 1 instead
 # log10(firing frequency) bins: 1e-7 .. 1 in steps of 0.25 decades; the same for every decomposer
 FREQ_BIN_EDGES = np.round(np.arange(-7.0, 0.0001, 0.25), 4)
+# log10(|activation|) bins of the feature cards' histograms: 1e-3 .. 1e3 in steps of 0.1 decade; the first bin
+# also counts nonzero activations below 1e-3, the last those above 1e3 (so every firing is counted once)
+ACT_BIN_EDGES = np.round(np.arange(-3.0, 3.0001, 0.1), 4)
 
 BatchStatsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
@@ -79,8 +82,9 @@ def make_batch_stats_fn(decomposer: nnx.Module, top_k: int = 0, target_mean: np.
     """A jitted `(x, y, weight) -> sums` for one decomposer.
 
     weight (B,) is 1 for real rows and 0 for padding (so every batch has one shape and compiles once).
-    With top_k > 0 it also returns each feature's top_k activations in the batch and their row indices
-    (for the feature cards), at the cost of one top_k over (n_latents, B). target_mean: the reference
+    With top_k > 0 it also returns each feature's top_k activations in the batch and their row indices and each
+    the codes themselves, from which the accumulator adds up each feature's histogram of nonzero activations over
+    ACT_BIN_EDGES (for the feature cards), at the cost of one top_k over (n_latents, B) and a pass over the codes. target_mean: the reference
     mean of the per-token explained variance ((d_out,), or (S, d_out) with a site axis; None: each batch's
     own mean). x and y are (B, d) or, for a site-axis kind, (B, S, d)."""
     graphdef, state = nnx.split(decomposer)
@@ -159,7 +163,22 @@ def _batch_sums(codes: jax.Array, y: jax.Array, y_hat: jax.Array, w: jax.Array, 
         k = min(top_k, b)
         vals, idx = jax.lax.top_k(jnp.where(w[:, None] > 0, flat, -jnp.inf).T, k)
         out["top_vals"], out["top_rows"] = vals, idx
+        out["codes"], out["weight"] = flat, w  # for the histograms (activation_histogram, on the host)
     return out
+
+
+def activation_histogram(codes: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(F, len(ACT_BIN_EDGES) - 1) counts of each feature's nonzero |activation| per log10 bin, rows with w > 0.
+
+    On the host from the nonzero entries only (codes are sparse; measured 4x faster than any jitted
+    histogram of the dense (B, F) codes on a CPU)."""
+    n_bins = len(ACT_BIN_EDGES) - 1
+    rows, feats = np.nonzero(codes)
+    keep = np.asarray(w)[rows] > 0
+    rows, feats = rows[keep], feats[keep]
+    level = np.log10(np.abs(codes[rows, feats]).astype(np.float64))
+    bins = np.clip(np.searchsorted(ACT_BIN_EDGES, level, side="right") - 1, 0, n_bins - 1)  # [edge_i, edge_i+1)
+    return np.bincount(feats * n_bins + bins, minlength=codes.shape[1] * n_bins).reshape(-1, n_bins)
 
 
 @dataclass
@@ -182,6 +201,7 @@ class ReconstructionAccumulator:
     act_max: np.ndarray | None = None
     top_vals: np.ndarray | None = None  # (n_features, top_k) running best activations
     top_rows: np.ndarray | None = None  # (n_features, top_k) their global row numbers (-1: none yet)
+    act_hist: np.ndarray | None = None  # (n_features, len(ACT_BIN_EDGES) - 1) nonzero activations per bin (with top_k)
 
     def __post_init__(self) -> None:
         if self.n_sites < 1 or self.n_features % self.n_sites:
@@ -194,6 +214,7 @@ class ReconstructionAccumulator:
         if self.top_k:
             self.top_vals = np.full((self.n_features, self.top_k), -np.inf, np.float32)
             self.top_rows = np.full((self.n_features, self.top_k), -1, np.int64)
+            self.act_hist = np.zeros((self.n_features, len(ACT_BIN_EDGES) - 1), np.int64)
 
     def add(self, s: dict[str, np.ndarray], row_offset: int = 0) -> None:
         """Merge one batch's sums; row_offset is the global row number of the batch's first row."""
@@ -224,6 +245,8 @@ class ReconstructionAccumulator:
             order = np.argsort(-vals, axis=1, kind="stable")[:, : self.top_k]
             self.top_vals = np.take_along_axis(vals, order, axis=1)
             self.top_rows = np.take_along_axis(rows, order, axis=1)
+        if self.act_hist is not None and "codes" in s:
+            self.act_hist += activation_histogram(np.asarray(s["codes"]), np.asarray(s["weight"]))
 
     def density(self) -> np.ndarray:
         """(n_features,) fraction of evaluated tokens on which each feature fired."""

@@ -274,7 +274,8 @@ def _downstream(loaded, cache, todo, cfg, log, progress) -> tuple[dict[str, dict
 
 
 def _cards(loaded, cache, name, d, recon, cfg, folder: Path) -> None:
-    from dictlearn.eval.feature_cards import build_cards, select_features, vocab_projection, write_cards
+    from dictlearn.eval.feature_cards import (build_cards, select_features, shade_contexts, vocab_projection,
+                                              window_activations, window_positions, write_cards)
 
     acc = recon["acc"][name]
     stats = acc.feature_stats()
@@ -283,16 +284,40 @@ def _cards(loaded, cache, name, d, recon, cfg, folder: Path) -> None:
     per = int(d.config.n_features)
     picked = [s * per + f for s in range(n_sites(d))  # a sample per site: every layer of a CLT gets its cards
               for f in select_features(stats["frequency"][s * per : (s + 1) * per], cfg.n_feature_cards, seed=cfg.seed)]
-    vocab = None
+    vocab = suppressed = None
     if picked:
         written = outs if has_site_axis(d) else outs[:1]
-        vocab = vocab_projection(loaded.model, written, written_directions(d, np.asarray(picked)), k=cfg.n_vocab_tokens)
+        dirs = written_directions(d, np.asarray(picked))
+        vocab = vocab_projection(loaded.model, written, dirs, k=cfg.n_vocab_tokens)
+        suppressed = vocab_projection(loaded.model, written, dirs, k=cfg.n_vocab_tokens, lowest=True)
     cards = build_cards(picked, stats, acc.top_vals, acc.top_rows, recon["row_seq"], recon["row_pos"],
                         cache.sequence_tokens, loaded.tokenizer, vocab=vocab, window=(cfg.context_before, cfg.context_after),
-                        sites=sites)
+                        sites=sites, suppressed=suppressed, histograms=acc.act_hist)
+    positions = window_positions(cards)  # every token the contexts show: its cached activation, encoded
+    found, arrays = window_activations(cache, ins, positions)
+    if len(arrays[ins[0]]):
+        shade_contexts(cards, positions, found, encode_rows(d, stacked(d, arrays, 0), cfg.batch_size))
     meta = {"kind": d.kind, "hookpoint_in": d.config.hookpoint_in, "hookpoint_out": d.config.hookpoint_out,
             "n_features": n_latents(d), "n_sites": n_sites(d), "n_tokens": int(acc.n)}
     write_cards(folder, name, meta, cards, stats)
+
+
+def encode_rows(d: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """(n, n_latents) codes of x, jitted once, in chunks of at most batch_size rows padded to a multiple of 256
+    (eager encoding measured 2-4x slower: semi-NMF's solve and TopK's selection dispatch op by op)."""
+    import jax
+    from flax import nnx
+
+    from dictlearn.eval.reconstruction import pad_rows
+
+    graphdef, state = nnx.split(d)
+    encode = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x))
+    out = []
+    for i in range(0, len(x), batch_size):
+        part = x[i : i + batch_size]
+        padded = pad_rows(part, min(batch_size, -(-len(part) // 256) * 256))
+        out.append(np.asarray(encode(state, padded), np.float32)[: len(part)].reshape(len(part), -1))
+    return np.concatenate(out)
 
 
 def written_directions(d: Any, latents: np.ndarray) -> np.ndarray:
