@@ -364,6 +364,7 @@ def run_matching(decomposers: dict[str, Any], cache: Any, output_projection: Out
     todo = plan_pairs(decomposers, writes, cfg, skipped)
     used = {n: decomposers[n] for n in dict.fromkeys(itertools.chain(*todo))}
     codes, rows = collect_codes(used, cache, cfg) if used else ({}, 0)
+    log(f"matching: codes of {len(used)} decomposer(s) on {rows:,} held-out rows ({time.perf_counter() - t0:.1f} s)")
     pairs = []
     for a, b in todo:
         pairs += both_orders(decomposers, a, b, writes, codes, rows)
@@ -394,9 +395,13 @@ def plot_matching(result: dict[str, Any], path: str | Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(n for p in pairs for n in (p["a"], p["b"])))
+    paired = {n for p in pairs for n in (p["a"], p["b"])}
+    names = [n for n in dict.fromkeys([*(result.get("decomposers") or {}), *sorted(paired)]) if n in paired]
     index = {n: i for i, n in enumerate(names)}
-    panels = [("decoder_cos_mean", "decoder directions: mean best cosine"),
+    chance = [p["decoder_cos_chance"] for p in pairs if p.get("decoder_cos_chance") is not None]
+    span = (f" (random directions: {min(chance):.2f}" + (f"-{max(chance):.2f})" if max(chance) - min(chance) >= 0.005
+                                                         else ")")) if chance else ""
+    panels = [("decoder_cos_mean", f"decoder directions: mean best cosine{span}"),
               ("activation_corr_mean", "activations: mean best correlation")]
     size = max(4.0, 0.55 * len(names) + 2.0)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1.5, size), constrained_layout=True)
@@ -417,7 +422,7 @@ def plot_matching(result: dict[str, Any], path: str | Path) -> bool:
         ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax, shrink=0.8)
     rows = pairs[0].get("n_rows")
-    fig.suptitle(f"Feature matching: a's features found in b (grey: not comparable; {rows:,} held-out rows)",
+    fig.suptitle(f"Feature matching: a's features found in b (grey: not compared; {rows:,} held-out rows)",
                  fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
