@@ -15,6 +15,7 @@ from dictlearn.eval.steering.config import SteeringConfig
 from dictlearn.eval.steering.corpus import LabelledWindows, labelled_windows, lexical_training_text
 from dictlearn.eval.steering.curves import concept_curve, feature_curve, gate_removed, gate_verdicts, random_curve
 from dictlearn.eval.steering.features import best_feature_per_concept, cache_feature_stats, token_feature_stats
+from dictlearn.eval.steering.io_scores import decomposer_io_scores
 from dictlearn.eval.steering.judges import OTHER, ConceptJudge, FluencyReference, distinct_bigram_share
 from dictlearn.eval.steering.prompts import JUDGE_PROMPTS
 from dictlearn.eval.steering.reading import read_sequences
@@ -136,6 +137,11 @@ def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, 
             feature_curve(runs, n, sampled[n], ref, base),
             concept_curve(runs, judge, ref, base, hp_name,
                           {c: ("feature", n, v.feature) for c, v in detection[n].items() if v.feature is not None}))
+    if judge is not None:  # IO: the SNMF paper's input/output scores of each decomposer's best features (io_scores.py)
+        for n, d in decomposers.items():
+            records[n] = decomposer_io_scores(records[n], judge, d, windows.test, runs.hp_in[n].name, runs.probe_hp.name,
+                                              lambda f, n=n: runs.vocab_projection(n, f), lambda t: runs.tok.decode([t]),
+                                              cfg.output_top_k)
     for hp_name in runs.steer_hps:
         if cfg.concepts:
             det = {c: Detection(None, None, float(detection_auc(windows.test.pooled[hp_name] @ windows.diffmean(hp_name, c),

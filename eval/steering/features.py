@@ -68,6 +68,22 @@ def pooled_codes(decomposer: Any, token_acts: list[np.ndarray], cols: np.ndarray
     return means, fmax, fired
 
 
+def window_max_codes(decomposer: Any, token_acts: list[np.ndarray], cols: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """(N, len(cols)) each chosen feature's largest code in each window (a window's "activation", as in
+    top-activating contexts); encoded `chunk` windows at a time."""
+    out = np.zeros((len(token_acts), len(cols)), np.float32)
+    if not len(cols):
+        return out
+    for i in range(0, len(token_acts), chunk):
+        part = token_acts[i: i + chunk]
+        codes = encode_np(decomposer, np.concatenate(part))[:, cols]
+        offs = np.cumsum([0] + [len(a) for a in part])
+        for j, (a, b) in enumerate(zip(offs[:-1], offs[1:])):
+            if b > a:
+                out[i + j] = codes[a:b].max(0)
+    return out
+
+
 def cache_feature_stats(decomposer: Any, cache: Any, max_rows: int) -> tuple[np.ndarray, np.ndarray, int] | None:
     """(max activation, firing count, rows read) per feature over up to max_rows rows of the cache's eval
     shards (all shards if it has none); None when the cache lacks the decomposer's input hookpoint."""
