@@ -99,11 +99,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides onto a raw TOML dict (before dataclass parsing)."""
+    """Apply `key.path=value` overrides onto a raw TOML dict (before dataclass parsing); `a.b=false` then
+    `a.b.c=1` leaves a.b the table {c = 1} (the later override wins)."""
     for text in overrides:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
+            if isinstance(node.get(part), bool):  # a switched table (eval.steering=true) given a key: on, as a table
+                node[part] = {}
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a table")

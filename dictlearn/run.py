@@ -3,6 +3,7 @@
     <out_dir>/cache/               the activation cache (or wherever `train.cache` points: every stage uses it)
     <out_dir>/decomposers/<name>/  a trained dictionary (config.json, params.safetensors, train_log.jsonl, checkpoints/)
     <out_dir>/eval/                metrics.json, report.md, plots/, feature_cards/, records/<name>.json
+    <out_dir>/eval_ood/<label>/    the same scores on other text: cache/ (eval-only), metrics.json, records/
     <out_dir>/export/<name>/       SAELens / semi-NMF / features files and export.json
 
 Every stage decides "is this up to date?" the same way: a stamp file beside its outputs holds the sha256 of
@@ -25,7 +26,7 @@ from dictlearn.files import atomic_write_json, sha256_file
 
 T = TypeVar("T")
 
-CACHE_DIR, DECOMPOSERS_DIR, EVAL_DIR, EXPORT_DIR = "cache", "decomposers", "eval", "export"
+CACHE_DIR, DECOMPOSERS_DIR, EVAL_DIR, EXPORT_DIR, EVAL_OOD_DIR = "cache", "decomposers", "eval", "export", "eval_ood"
 STAMP_FILE = "stamp.json"
 
 # Top-level keys of a run config and the stage that owns each.
@@ -143,7 +144,9 @@ class Run:
         run = cls(Path(path), data, out)
         if (run.data.get("eval") or {}).get("cache"):
             raise ConfigError(f"{path}: eval.cache is gone: every stage uses one cache, `train.cache` "
-                              f"(default <out_dir>/{CACHE_DIR}); set that instead")
+                              f"(default <out_dir>/{CACHE_DIR}); set that instead, or score the saved dictionaries "
+                              f"on other text with `dictlearn eval CONFIG --corpus PATH` (or [[eval.ood]] entries), "
+                              f"which writes <out_dir>/{EVAL_OOD_DIR}/<label>/ and leaves eval/ alone")
         return run
 
     def section(self, cls: type[T], name: str) -> T:
@@ -172,6 +175,10 @@ class Run:
     @property
     def eval_dir(self) -> Path:
         return self.out_dir / EVAL_DIR
+
+    def ood_dir(self, label: str) -> Path:
+        """Where the scores on another text go: its eval-only cache/, metrics.json and records/."""
+        return self.out_dir / EVAL_OOD_DIR / label
 
     def export_dir(self, name: str) -> Path:
         return self.out_dir / EXPORT_DIR / name

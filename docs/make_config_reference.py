@@ -42,6 +42,7 @@ SECTIONS = [
     ("train", "TrainConfig", "options shared by every dictionary trained in one pass"),
     ("eval", "EvalConfig", "the evaluation suite"),
     ("eval.steering", "SteeringConfig", "the steering evaluation (absent: not run)"),
+    ("eval.matching", "MatchingConfig", "feature matching between dictionaries (absent: not run)"),
     ("export", "ExportConfig", "export options"),
     ("wandb", "WandbConfig", "training logs sent to Weights & Biases"),
 ]

@@ -30,6 +30,31 @@ class EvalError(ValueError):
     """An evaluation that cannot run as configured."""
 
 
+OPTIONAL_STAGES = ("steering", "probing", "absorption", "matching")  # [eval.<name>] tables: absent or false is off
+LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass
+class OodConfig:
+    """One `[[eval.ood]]` entry: the run's saved dictionaries scored on another text, from a fresh eval-only
+    harvest of it (same model, hookpoints and dtype) in <out_dir>/eval_ood/<label>/."""
+
+    label: str  # names the folder <out_dir>/eval_ood/<label>/ and the report's column
+    corpus: dict[str, Any]  # a table like [corpus] (path, field, mode, ...); context_length left out: the run's
+    n_tokens: int = 16_384  # tokens of it to harvest and score (every shard held out)
+    n_feature_cards: int = 0  # feature cards per decomposer on this text (0: none)
+    n_downstream_sequences: int | None = None  # its sequences for the spliced-in loss (None: [eval]'s; 0 skips it)
+
+    def __post_init__(self) -> None:
+        if not self.label or not set(self.label) <= LABEL_CHARS or self.label.startswith("."):
+            raise ValueError(f"ood label {self.label!r} must be a plain folder name (letters, digits, '.', '_', '-')")
+        if "path" not in self.corpus:
+            raise ValueError(f"ood entry {self.label!r}: its corpus table needs a path")
+        if self.n_tokens < 1 or self.n_feature_cards < 0 or (self.n_downstream_sequences or 0) < 0:
+            raise ValueError(f"ood entry {self.label!r}: n_tokens must be at least 1, n_feature_cards and "
+                             "n_downstream_sequences 0 or more")
+
+
 @dataclass
 class EvalConfig:
     """The `[eval]` table of a run config."""
@@ -46,10 +71,23 @@ class EvalConfig:
     n_vocab_tokens: int = 10  # promoted tokens per card
     decomposers: list[str] = field(default_factory=list)  # names to evaluate ([]: every one under decomposers/)
     torch_threads: int = 0  # torch intra-op threads (0: torch's default; 1 is fastest on a busy shared CPU)
-    seed: int = 0
-    steering: dict[str, Any] | None = None  # the [eval.steering] table (eval.steering.SteeringConfig); absent: no steering
+    seed: int = 0  # seeds the sample of features that get cards
+    steering: dict[str, Any] | bool | None = None  # the [eval.steering] table (eval.steering.SteeringConfig); absent or false: no steering; true: the defaults
+    probing: dict[str, Any] | bool | None = None  # the [eval.probing] table (eval.probing.ProbingConfig); absent or false: off; true: the defaults
+    absorption: dict[str, Any] | bool | None = None  # the [eval.absorption] table (eval.absorption.AbsorptionConfig); absent or false: off
+    matching: dict[str, Any] | bool | None = None  # the [eval.matching] table (eval.matching.MatchingConfig); absent or false: off
+    ood: list[OodConfig] = field(default_factory=list)  # [[eval.ood]] entries, the same scores on other text: label, corpus (a table like [corpus]), n_tokens (16384), n_feature_cards (0), n_downstream_sequences ([eval]'s); see docs/evaluation.md
 
     def __post_init__(self) -> None:
+        for name in OPTIONAL_STAGES:  # `--set eval.steering=false` turns a stage off, `=true` on with its defaults
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                setattr(self, name, {} if value else None)
+            elif value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name} must be a table, true or false, got {value!r}")
+        labels = [o.label for o in self.ood]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"[[eval.ood]] labels must differ (each names a folder), got {labels}")
         for name in ("n_eval_rows", "batch_size", "downstream_batch_size", "top_k_contexts", "n_vocab_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -335,14 +373,29 @@ def written_directions(d: Any, latents: np.ndarray) -> np.ndarray:
     return np.asarray(d.decode(codes) - d.decode(jnp.zeros_like(codes[:1])), np.float32)
 
 
-def steering_config(cfg: EvalConfig):
-    """The [eval.steering] table as a SteeringConfig (None: no steering); a bad table fails before any work."""
-    if cfg.steering is None:
-        return None
-    from dictlearn.config import from_dict
-    from dictlearn.eval.steering import SteeringConfig
+STAGE_CONFIGS = {"steering": ("dictlearn.eval.steering", "SteeringConfig"),  # each optional table's dataclass
+                 "probing": ("dictlearn.eval.probing", "ProbingConfig"),
+                 "absorption": ("dictlearn.eval.absorption", "AbsorptionConfig"),
+                 "matching": ("dictlearn.eval.matching", "MatchingConfig")}
 
-    return from_dict(SteeringConfig, cfg.steering, where="[eval.steering]")
+
+def stage_config(cfg: EvalConfig, name: str):
+    """The [eval.<name>] table (OPTIONAL_STAGES) as its stage's config dataclass (None: off); a bad table fails
+    before any work."""
+    table = getattr(cfg, name)
+    if table is None:
+        return None
+    import importlib
+
+    from dictlearn.config import from_dict
+
+    module, cls = STAGE_CONFIGS[name]
+    return from_dict(getattr(importlib.import_module(module), cls), table, where=f"[eval.{name}]")
+
+
+def steering_config(cfg: EvalConfig):
+    """The [eval.steering] table as a SteeringConfig (None: no steering)."""
+    return stage_config(cfg, "steering")
 
 
 class _NoBar:

@@ -68,7 +68,7 @@ class HarvestConfig:
     dtype: str = "bfloat16"  # storage dtype: float16, bfloat16 or float32
     batch_size: int = 8  # sequences per forward pass
     shard_mb: float = 64.0  # target shard size; rows are shuffled within a shard before it is written
-    eval_fraction: float = 0.05  # share of shards held out for evaluation (at least one when > 0)
+    eval_fraction: float = 0.05  # share of shards held out for evaluation (at least one when > 0; 1: every shard, an eval-only cache with nothing to train on)
     exclude_special_tokens: bool = True  # leave BOS / EOS / padding positions out of the cache
     skip_sink_positions: bool = True  # leave out position 0 (the attention sink; BOS there is left out anyway)
     outlier_norm_factor: float = 0.0  # > 0: leave out rows whose norm exceeds this times the shard's median norm
@@ -84,8 +84,8 @@ class HarvestConfig:
             raise ValueError("n_tokens, batch_size and shard_mb must be positive")
         if self.outlier_norm_factor < 0 or 0 < self.outlier_norm_factor <= 1:
             raise ValueError(f"outlier_norm_factor must be 0 (off) or above 1, got {self.outlier_norm_factor}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.eval_fraction <= 1:
+            raise ValueError(f"eval_fraction must be in [0, 1] (1: an eval-only cache), got {self.eval_fraction}")
         missing = [g for g in self.gradients if g not in self.hookpoints]
         if missing:
             raise ValueError(f"gradients {missing} must also be listed in hookpoints")
@@ -110,7 +110,10 @@ class Plan:
 
 
 def eval_shard_ids(n_shards: int, fraction: float) -> list[int]:
-    """Evenly spread held-out shard indices (at least one when fraction > 0 and there are 2+ shards)."""
+    """Evenly spread held-out shard indices (at least one when fraction > 0 and there are 2+ shards); every
+    shard when fraction is 1 (an eval-only cache: scoring saved dictionaries on other text)."""
+    if fraction >= 1:
+        return list(range(n_shards))
     if fraction <= 0 or n_shards < 2:
         return []
     n_eval = min(n_shards - 1, max(1, round(fraction * n_shards)))

@@ -1,11 +1,15 @@
-"""`dictlearn eval CONFIG.toml [--set key=value]... [--only NAME]... [--force]`
+"""`dictlearn eval CONFIG.toml [--set key=value]... [--only NAME]... [--force] [--corpus PATH [--label L] [--n-tokens N]]`
 
 Scores every decomposer saved under `<out_dir>/decomposers/` on the held-out split of the run's cache
-(reconstruction, sparsity, spliced-in downstream loss, feature cards, and steering when `[eval.steering]`
-is given) and writes `<out_dir>/eval/`: metrics.json, report.md, plots/, feature_cards/, records/. Options
-come from the config's `[eval]` table (dictlearn.eval.suite.EvalConfig). A decomposer whose files, cache and
-eval options are unchanged since its last evaluation is not evaluated again unless --force is given (the
-run's one up-to-date rule, dictlearn.run).
+(reconstruction, sparsity, spliced-in downstream loss, feature cards; steering, sparse probing, absorption and
+feature matching when their `[eval.<part>]` tables are given) and writes `<out_dir>/eval/`: metrics.json,
+report.md, plots/, feature_cards/, records/, <part>.json. Each `[[eval.ood]]` entry scores them on another
+text as well (<out_dir>/eval_ood/<label>/; the report shows both). Options come from the config's `[eval]`
+table (dictlearn.eval.suite.EvalConfig). What is unchanged since its last evaluation (files, cache, options) is
+not evaluated again unless --force is given (the run's one up-to-date rule, dictlearn.run).
+
+With --corpus, only that text is scored (a fresh eval-only harvest of it, the run's model, hookpoints and
+dtype) into <out_dir>/eval_ood/<label>/, printed beside the in-distribution scores; eval/ is left alone.
 """
 
 from __future__ import annotations
@@ -24,11 +28,22 @@ class EvalArgs:
     config: Annotated[Path, tyro.conf.Positional]
     """the run config (TOML)"""
     set: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """config override key.path=value (repeatable), e.g. --set eval.n_eval_rows=20000"""
+    """config override key.path=value (repeatable), e.g. --set eval.n_eval_rows=20000 or --set eval.steering=false"""
     only: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """evaluate only the decomposer with this name (repeatable; overrides eval.decomposers)"""
     force: bool = False
     """evaluate again even where the saved results are up to date"""
+    corpus: str | None = None
+    """score the saved dictionaries on this text instead (a fresh eval-only harvest in <out_dir>/eval_ood/<label>/;
+    eval/ is left alone)"""
+    label: str | None = None
+    """the name of that text's folder and column (default: the corpus file's name up to its first dot)"""
+    n_tokens: int = 16_384
+    """tokens of that text to harvest and score"""
+    mode: str | None = None
+    """that text's corpus mode: packed or chat (default: packed; chat reads the "messages" field)"""
+    text_field: str | None = None
+    """that text's JSON field (default: "text" packed, "messages" chat)"""
 
 
 def load_saved(run, names: list[str]) -> dict[str, Any]:
@@ -46,12 +61,11 @@ def load_saved(run, names: list[str]) -> dict[str, Any]:
 
 
 def eval_stage(run, only: list[str] | None = None, force: bool = False, log=print) -> dict[str, Any]:
-    """The eval stage of `run`: evaluate what is not up to date, then write the report. Returns metrics.json."""
-    from dictlearn.decomposers.base import CONFIG_FILE, PARAMS_FILE
-    from dictlearn.eval.report import json_safe, write_report
-    from dictlearn.eval.suite import RECORD_FORMAT, RECORDS, EvalConfig, evaluate, needs_model, steering_config
-    from dictlearn.files import atomic_write_json
-    from dictlearn.run import cache_identity, mark_done, up_to_date
+    """The eval stage of `run`: evaluate what is not up to date (records, then each [eval.<part>] table and each
+    [[eval.ood]] text), then write the report. Returns metrics.json."""
+    from dictlearn.cli import eval_stages as parts
+    from dictlearn.eval.report import write_report
+    from dictlearn.eval.suite import EvalConfig, stage_config
 
     t_start = time.perf_counter()
     cfg = run.section(EvalConfig, "eval")
@@ -60,80 +74,78 @@ def eval_stage(run, only: list[str] | None = None, force: bool = False, log=prin
     corpus = str((run.data.get("corpus") or {}).get("path", ""))
     if cfg.steering is not None and not cfg.steering.get("corpus") and corpus.endswith((".jsonl", ".jsonl.gz")):
         cfg.steering = {**cfg.steering, "corpus": corpus}  # the run's labelled corpus judges the steered text
-    steer_cfg = steering_config(cfg)  # a bad [eval.steering] fails before any work
+    configs = {name: stage_config(cfg, name) for name in ("steering", "probing", "absorption", "matching")}  # bad tables fail first
     cache = run.open_cache()
     cache.verify(checksums=False)
     names = run.pick_saved(cfg.decomposers, "eval")
     decomposers = load_saved(run, names)
-    identity = cache_identity(cache)
-    options = {**run.stage_options(cfg, drop=("decomposers", "steering", "torch_threads")), "record_format": RECORD_FORMAT}
+    for entry in cfg.ood:  # a bad path or field fails before any work
+        parts.ood_corpus(entry, cache.context_length)
 
-    def inputs(name: str) -> dict[str, Any]:
-        folder = run.decomposer_dir(name)
-        return {"config": folder / CONFIG_FILE, "params": folder / PARAMS_FILE, "cache": identity}
-
-    records_dir = run.eval_dir / RECORDS
-    records = {}
-    for n in names:
-        if not force and up_to_date(records_dir, inputs(n), options, name=n):
-            records[n] = json.loads((records_dir / f"{n}.json").read_text())
-    if records:
-        log(f"eval: reusing the results of {', '.join(records)} (unchanged; --force re-evaluates)")
-    todo = {n: d for n, d in decomposers.items() if n not in records}
-    model = run.model(cfg.torch_threads) if todo and needs_model(cfg) else None
-    fresh = evaluate(todo, model, cache, cfg, cards_dir=run.eval_dir / "feature_cards", log=log)
-    for n, record in fresh.items():
-        records_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(records_dir / f"{n}.json", json_safe(record))
-        mark_done(records_dir, inputs(n), options, [f"{n}.json"], name=n)
-        records[n] = json_safe(record)
-
-    steering = None
-    if steer_cfg is not None:
-        steering = _steering_stage(run, decomposers, inputs, steer_cfg, cache, cfg.torch_threads, force, log)
+    records = parts.scored_records(run, decomposers, cache, cfg, run.eval_dir, force, log)
+    all_inputs = parts.decomposer_inputs(run, names, cache)
+    threads = cfg.torch_threads
+    results: dict[str, Any] = {}
+    if configs["steering"] is not None:
+        results["steering"] = parts.steering_part(run, decomposers, all_inputs, configs["steering"], cache, threads, force, log)
         for n in records:
-            rec = (steering or {}).get("records", {}).get(n)
+            rec = (results["steering"] or {}).get("records", {}).get(n)
             records[n]["steering"] = rec.get("summary") if rec else None
+    if configs["probing"] is not None:
+        results["probing"] = parts.probing_part(run, decomposers, all_inputs, configs["probing"], threads, force, log)
+    if configs["absorption"] is not None:
+        results["absorption"] = parts.absorption_part(run, decomposers, all_inputs, configs["absorption"], threads, force, log)
+    if configs["matching"] is not None:
+        results["matching"] = parts.matching_part(run, decomposers, all_inputs, configs["matching"], cache, force, log)
+    parts.merge_scalars(records, results)
+    ood = {entry.label: parts.ood_part(run, decomposers, entry, cfg, cache, force, log) for entry in cfg.ood}
 
     model_name, fingerprint = run.model_reference()
     meta = {"cache": str(cache.path), "model": model_name, "model_fingerprint": fingerprint,
             "n_eval_rows": cfg.n_eval_rows, "eval_config": run.stage_options(cfg),
-            "seconds": time.perf_counter() - t_start}
+            "seconds": time.perf_counter() - t_start,
+            "part_seconds": {k: (v or {}).get("seconds") for k, v in {**results, **ood}.items()}}
     ordered = [records[n] for n in names]
-    write_report(run.eval_dir, meta, ordered, steering=steering)
+    sections = {k: results.get(k) for k in ("probing", "absorption", "matching")}
+    write_report(run.eval_dir, meta, ordered, steering=results.get("steering"), sections={**sections, "ood": ood or None})
     log(f"eval: wrote {run.eval_dir / 'metrics.json'} and {run.eval_dir / 'report.md'} in {meta['seconds']:.0f} s")
     return {"meta": meta, "decomposers": ordered}
 
 
-def _steering_stage(run, decomposers, inputs, steer_cfg, cache, torch_threads, force, log) -> dict[str, Any]:
-    """steering.json for every decomposer, reused while no decomposer, the cache or an option changed."""
-    import dataclasses
+def ood_only_stage(run, args: EvalArgs, log=print) -> dict[str, Any]:
+    """`dictlearn eval CONFIG --corpus PATH`: the saved dictionaries scored on that text alone, in
+    <out_dir>/eval_ood/<label>/, printed beside the in-distribution scores when eval/ has them (eval/ untouched)."""
+    from dictlearn.cli import eval_stages as parts
+    from dictlearn.config import ConfigError, from_dict
+    from dictlearn.eval.suite import RECORDS, EvalConfig, OodConfig
 
-    from dictlearn.eval.report import json_safe
-    from dictlearn.eval.steering import evaluate_steering
-    from dictlearn.files import atomic_write_json
-    from dictlearn.run import mark_done, up_to_date
-
-    folder, path = run.eval_dir, run.eval_dir / "steering.json"
-    all_inputs = {f"{n}.{k}": v for n in decomposers for k, v in inputs(n).items()}
-    options = json_safe(dataclasses.asdict(steer_cfg))
-    if not force and up_to_date(folder, all_inputs, options, name="steering"):
-        log("eval: reusing steering.json (unchanged)")
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    model = run.model(torch_threads)  # loaded once per run: the reconstruction pass may have loaded it already
-    result = evaluate_steering(model.model, model.tokenizer, decomposers, cache, steer_cfg, log=log)
-    result = json_safe({**result, "seconds": time.perf_counter() - t0})
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, result)
-    mark_done(folder, all_inputs, options, ["steering.json"], name="steering")
-    log(f"eval: steering in {result['seconds']:.0f} s")
-    return result
+    cfg = run.section(EvalConfig, "eval")
+    if args.only:
+        cfg.decomposers = list(args.only)
+    table = {"path": args.corpus, **({"mode": args.mode} if args.mode else {}), **({"field": args.text_field} if args.text_field else {})}
+    label = args.label or Path(args.corpus.rstrip("/")).name.split(".")[0] or "ood"
+    entry = from_dict(OodConfig, {"label": label, "corpus": table, "n_tokens": args.n_tokens}, where="--corpus")
+    cache = run.open_cache()
+    cache.verify(checksums=False)
+    parts.ood_corpus(entry, cache.context_length)  # a bad path or field fails before any work
+    names = run.pick_saved(cfg.decomposers, "eval")
+    section = parts.ood_part(run, load_saved(run, names), entry, cfg, cache, args.force, log)
+    home = {}
+    for n in names:
+        path = run.eval_dir / RECORDS / f"{n}.json"
+        if path.is_file():
+            try:
+                home[n] = json.loads(path.read_text())
+            except ValueError:
+                raise ConfigError(f"{path} is not valid JSON; run `dictlearn eval {run.config_path}` again") from None
+    log("\n".join(parts.comparison_lines(home, section["records"], label)))
+    return section
 
 
 ERRORS = ("dictlearn.config:ConfigError", "dictlearn.activations.cache:CacheError", "dictlearn.eval.suite:EvalError",
           "dictlearn.eval.downstream:DownstreamError", "dictlearn.activations.families:HookpointError",
-          "builtins:FileNotFoundError")
+          "dictlearn.activations.corpus:CorpusError", "dictlearn.activations.harvest:HarvestError",
+          "dictlearn.files:LockedError", "builtins:FileNotFoundError")
 
 
 def main(argv: list[str]) -> int:
@@ -141,5 +153,7 @@ def main(argv: list[str]) -> int:
     from dictlearn.run import Run
 
     args = tyro.cli(EvalArgs, args=argv, prog="dictlearn eval")
+    if args.corpus:
+        return report_errors("dictlearn eval", ERRORS, lambda: ood_only_stage(Run.from_config(args.config, args.set), args))
     return report_errors("dictlearn eval", ERRORS,
                          lambda: eval_stage(Run.from_config(args.config, args.set), args.only, args.force))

@@ -95,6 +95,9 @@ def _cache_data(run, cfg):
         raise ConfigError(f"the cache at {cache.path} holds only the held-out shards of an online run (no train split); "
                           f'set train.source = "model" to train from the model, or harvest a full cache into another '
                           "folder (train.cache) to train from a cache")
+    if not cache.shard_ids("train"):  # harvest.eval_fraction = 1: an eval-only cache
+        raise ConfigError(f"the cache at {cache.path} is eval-only (every shard held out, harvest.eval_fraction = 1): "
+                          "nothing to train on; harvest with eval_fraction below 1 into another folder (train.cache)")
 
     # A truncated or corrupt shard must not train a dictionary silently. One process hashes every shard up
     # front; in a multi-process run each process reads only its own shards, so it checks the folder's
