@@ -21,7 +21,8 @@ other site is its own space. Two decomposers that write at the same hookpoint ar
 (two semi-NMFs in MLP-neuron space, not through W_out, which would drop what W_out cannot see).
 
 Codes are kept sparse (CSR, float64) over the rows, so the cross sums cost what the active pairs cost; a
-dictionary that fires on more than half its entries is kept dense (float32, n_rows x n_features).
+dictionary that fires on more than half its entries is kept dense (float32, n_rows x n_features). The pairwise
+(n_a, n_b) matrices are made a block of rows at a time (BLOCK_ENTRIES), so memory stays bounded for wide ones.
 Site-axis kinds (cross-layer transcoders) write one feature to several layers and are skipped with a reason.
 """
 
@@ -45,6 +46,7 @@ from flax import nnx
 from dictlearn.files import atomic_write_bytes
 
 THRESHOLD = 0.7  # a "match": best cosine (or correlation) above this (the key decoder_frac_above_0.7)
+BLOCK_ENTRIES = 1 << 24  # the pairwise matrices are made this many entries at a time (float64: 128 MB)
 DENSE_ABOVE = 0.5  # codes active on more than this share of (row, feature) entries are kept as a dense array
 SAME_KIND, OTHER_KINDS, OTHER_SITES = "same kind", "different kinds", "same kind, other hookpoints"
 
@@ -143,11 +145,11 @@ def unit_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m / np.where(norms > 0, norms, 1)[:, None], norms > 0
 
 
-def best_cosines(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def best_cosines(a: np.ndarray, b: np.ndarray, block: int = BLOCK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:
     """(for each row of a its best cosine with a row of b, for each row of b its best with a row of a); rows of
     zero norm have no direction and get NaN."""
     (ua, live_a), (ub, live_b) = unit_rows(a), unit_rows(b)
-    return _best_both_ways(ua @ ub.T, live_a, live_b)
+    return best_both_ways(lambda rows: ua[rows] @ ub.T, live_a, live_b, block)
 
 
 def same_index_cosine(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -224,7 +226,7 @@ def cross_sums(a: sp.csr_matrix | np.ndarray, b: sp.csr_matrix | np.ndarray, chu
     return out
 
 
-def best_correlations(a: Codes, b: Codes, n: int) -> tuple[np.ndarray, np.ndarray]:
+def best_correlations(a: Codes, b: Codes, n: int, block: int = BLOCK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:
     """(for each feature of a its best Pearson correlation with a feature of b over the n rows, and the same for
     b); a feature that is constant on the rows (never fires) has no correlation and gets NaN."""
     (sa, qa), (sb, qb) = a.sums, b.sums
@@ -232,23 +234,39 @@ def best_correlations(a: Codes, b: Codes, n: int) -> tuple[np.ndarray, np.ndarra
     va, vb = qa / n - ma ** 2, qb / n - mb ** 2
     live_a = va > 1e-12 * np.maximum(qa / n, 1e-30)
     live_b = vb > 1e-12 * np.maximum(qb / n, 1e-30)
-    corr = cross_sums(a.matrix, b.matrix)  # turned into the correlations in place (2304 x 2304: 42 MB)
-    corr /= n
-    corr -= np.outer(ma, mb)
-    corr /= np.sqrt(np.where(live_a, va, 1))[:, None]
-    corr /= np.sqrt(np.where(live_b, vb, 1))[None, :]
-    return _best_both_ways(corr, live_a, live_b)
+    sd_a, sd_b = np.sqrt(np.where(live_a, va, 1)), np.sqrt(np.where(live_b, vb, 1))
+    columns = a.matrix.tocsc() if sp.issparse(a.matrix) else a.matrix  # a's features are sliced by block
+
+    def corr(rows: slice) -> np.ndarray:
+        m = cross_sums(columns[:, rows], b.matrix)  # turned into the correlations in place
+        m /= n
+        m -= np.outer(ma[rows], mb)
+        m /= sd_a[rows, None]
+        m /= sd_b[None, :]
+        return m
+
+    return best_both_ways(corr, live_a, live_b, block)
 
 
-def _best_both_ways(m: np.ndarray, live_a: np.ndarray, live_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column maxima of m over the live rows/columns (NaN for a dead one, or with no live partner),
+def best_both_ways(block_of: Callable[[slice], np.ndarray], live_a: np.ndarray, live_b: np.ndarray,
+                   block: int = BLOCK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column maxima of the (n_a, n_b) matrix whose rows `block_of(slice)` computes a block at a time (at
+    most `block` entries each), over the live rows and columns: NaN for a dead one or one with no live partner;
     clipped to [-1, 1] (rounding)."""
-    if not live_a.all():
-        m[~live_a, :] = -np.inf
-    if not live_b.all():
-        m[:, ~live_b] = -np.inf
-    best_a = np.where(live_a & live_b.any(), m.max(axis=1, initial=-np.inf), np.nan)
-    best_b = np.where(live_b & live_a.any(), m.max(axis=0, initial=-np.inf), np.nan)
+    n_a, n_b = len(live_a), len(live_b)
+    best_a, best_b = np.full(n_a, -np.inf), np.full(n_b, -np.inf)
+    step = max(1, block // max(n_b, 1))
+    for start in range(0, n_a, step):
+        rows = slice(start, min(n_a, start + step))
+        m = block_of(rows)
+        if not live_b.all():
+            m[:, ~live_b] = -np.inf
+        if not live_a[rows].all():
+            m[~live_a[rows], :] = -np.inf
+        best_a[rows] = m.max(axis=1, initial=-np.inf)
+        np.maximum(best_b, m.max(axis=0, initial=-np.inf), out=best_b)
+    best_a = np.where(live_a & live_b.any(), best_a, np.nan)
+    best_b = np.where(live_b & live_a.any(), best_b, np.nan)
     return np.clip(best_a, -1, 1), np.clip(best_b, -1, 1)
 
 

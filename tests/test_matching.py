@@ -8,8 +8,8 @@ import pytest
 from conftest import LinearReLU, write_cache
 from dictlearn.activations import families
 from dictlearn.config import ConfigError, from_dict
-from dictlearn.eval.matching import (MatchingConfig, best_correlations, chance_cosine, plot_matching, run_matching,
-                                     writes_of, Codes)
+from dictlearn.eval.matching import (Codes, MatchingConfig, best_correlations, best_cosines, chance_cosine, plot_matching,
+                                     run_matching, writes_of)
 
 D, N = 64, 48  # activation width, features per dictionary
 
@@ -173,6 +173,11 @@ def test_correlations_stream_the_same_from_sparse_and_dense_codes():
     np.testing.assert_allclose(best_x, full.max(axis=1), atol=1e-5)
     assert np.isnan(best_y[5])
     np.testing.assert_allclose(best_y[live], full.max(axis=0), atol=1e-5)
+    for got, want in zip(best_correlations(codes["x"], codes["y"], 500, block=45), (best_x, best_y)):  # 2 rows a block
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    a, b = rng.standard_normal((30, 8)), rng.standard_normal((20, 8))
+    for got, want in zip(best_cosines(a, b, block=50), best_cosines(a, b)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_the_plot_and_the_config(cache, tmp_path):
