@@ -41,7 +41,7 @@ _WORD = re.compile(r"^ [a-z]{2,}$")
 class AbsorptionConfig:
     """The `[eval.absorption]` table."""
 
-    n_words: int = 800  # vocabulary words read (train + test)
+    n_words: int = 1500  # vocabulary words read (train + test); the probe needs about 1,000 training words
     held_out: float = 0.3  # share of them held out for scoring
     words_per_prompt: int = 40  # spelling lines per packed sequence
     icl_examples: int = 4  # example lines opening each sequence (words not scored)
@@ -55,8 +55,8 @@ class AbsorptionConfig:
     max_absorbers: int = 3  # absorption fraction: latents that may absorb together
     l2: float = 1e-2  # probes' L2 penalty (standardised inputs)
     batch_size: int = 8  # sequences per model forward
-    encode_chunk: int = 1024
-    seed: int = 0
+    encode_chunk: int = 1024  # token rows per encoder call (one fixed shape: one compile per decomposer)
+    seed: int = 0  # word sample, example lines and the train/test split
 
     def __post_init__(self) -> None:
         if self.n_words < 20 or not 0 < self.held_out < 1:
@@ -262,7 +262,8 @@ def run_absorption(loaded: Any, decomposers: dict[str, Any], cfg: AbsorptionConf
         n = len(reads.words)
         perm = rng.permutation(n)
         test, train = np.sort(perm[: int(round(cfg.held_out * n))]), np.sort(perm[int(round(cfg.held_out * n)):])
-        log(f"absorption: {n} words ({len(train)} train, {len(test)} test) read at {sorted(hps)}")
+        log(f"absorption: {n} words ({len(train)} train, {len(test)} test) read at {sorted(hps)} "
+            f"in {time.perf_counter() - t0:.1f} s")
         probes = {}
         for hp in sorted({h.name for h in outs.values()}):
             probes[hp] = letter_probe(reads.acts[hp], reads.letters, train, test, cfg)

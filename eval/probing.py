@@ -44,7 +44,7 @@ class ProbingConfig:
     l2: float = 1e-2  # the logistic probes' L2 penalty (on standardised inputs)
     batch_size: int = 16  # windows per model forward
     encode_chunk: int = 1024  # token rows per encoder call (one fixed shape: one compile per decomposer)
-    seed: int = 0
+    seed: int = 0  # window sampling, document split and subtask negatives
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -303,6 +303,7 @@ def run_probing(loaded: Any, decomposers: dict[str, Any], cfg: ProbingConfig, co
     log(f"probing: reading {len(train.seqs)} + {len(test.seqs)} windows of {cfg.window_tokens} tokens at {sorted(hps)}")
     reads = [read_sequences(model, w.seqs, [1] * len(w.seqs), list(hps.values()), keep_tokens=list(hps),
                             batch_size=cfg.batch_size) for w in (train, test)]
+    log(f"probing: read in {time.perf_counter() - t0:.1f} s")
     for task, subs in subtasks.items():
         info[task]["full_accuracy"] = {
             hp: float(np.mean([full_probe_test_accuracy(reads[0].pooled[hp][s.train], s.y_train,
