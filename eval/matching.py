@@ -296,7 +296,7 @@ def plan_pairs(decomposers: dict[str, Any], writes: dict[str, Writes], cfg: Matc
             elif compared(writes[a], writes[b]) is None:
                 skipped[f"{a} vs {b}"] = (f"{a} writes to {writes[a].space} and {b} to {writes[b].space}: no common "
                                           "space to compare their directions in")
-            else:
+            elif (b, a) not in todo and (a, b) not in todo:  # a pair listed twice is compared once
                 todo.append((a, b))
         return todo
     names = [n for n in decomposers if n not in skipped]

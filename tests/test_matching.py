@@ -147,7 +147,7 @@ def test_what_cannot_be_compared_is_skipped_with_a_reason(cache):
     assert "several layers" in res["skipped"]["clt"]
     assert "no other decomposer writes to its space (mlp_hidden.1)" in res["skipped"]["hidden"]
     res = match({"a": a, "b": b, "hidden": hidden, "clt": clt}, cache,
-                MatchingConfig(batch_size=300, pairs=[["a", "hidden"], ["a", "nope"], ["clt", "b"], ["b", "a"]]))
+                MatchingConfig(batch_size=300, pairs=[["a", "hidden"], ["a", "nope"], ["clt", "b"], ["b", "a"], ["a", "b"]]))
     assert [(p["a"], p["b"]) for p in res["pairs"]] == [("b", "a"), ("a", "b")]
     assert "no common space" in res["skipped"]["a vs hidden"]
     assert "nope is not among the decomposers evaluated" in res["skipped"]["a vs nope"]
