@@ -98,25 +98,25 @@ CLAIMS = {c.name: c for c in (
     Claim("gtopk", "Olmo et al. 2024, Features that Make a Difference (g-SAE)",
           "gradient TopK beats TopK at the same k on downstream loss and steering",
           a_name="gtopk", b_name="topk",
-          a={"kind": "gtopk", "hookpoint_in": "resid_post.{L}", "k": "{k}", "beta": 1.0},
-          b={"kind": "topk", "hookpoint_in": "resid_post.{L}", "k": "{k}"},
+          a={"kind": "gtopk", "hookpoint_in": "resid_post.{L}", "k": "{k}", "expansion": "{expansion}", "beta": 1.0},
+          b={"kind": "topk", "hookpoint_in": "resid_post.{L}", "k": "{k}", "expansion": "{expansion}"},
           metrics=(FVU, L0, _claimed(CE_SCORE, "better"), _claimed(CE_UP, "better"), _claimed(RATE, "better"),
                    _claimed(FEATURE, "better")),
           steering=True, needs=("resid_post.{L}", "resid_post.{L}@grad")),
-    Claim("transcoder", "Dunefsky et al. 2024, Transcoders find interpretable LLM feature circuits",
+    Claim("transcoder", "Dunefsky, Chlenski & Nanda 2024, Transcoders Find Interpretable LLM Feature Circuits",
           "a transcoder (mlp_in -> mlp_out) matches an MLP-out SAE on CE loss at matched L0",
           a_name="transcoder", b_name="sae_mlp_out",
           a={"kind": "transcoder", "hookpoint_in": "mlp_in.{L}", "hookpoint_out": "mlp_out.{L}", "sparsity": "topk",
-             "k": "{k}"},
-          b={"kind": "topk", "hookpoint_in": "mlp_out.{L}", "k": "{k}"},
+             "k": "{k}", "expansion": "{expansion}"},
+          b={"kind": "topk", "hookpoint_in": "mlp_out.{L}", "k": "{k}", "expansion": "{expansion}"},
           metrics=(L0, FVU, _claimed(CE_SCORE, "on par"), _claimed(CE_UP, "on par")),
           steering=False, needs=("mlp_in.{L}", "mlp_out.{L}")),
-    Claim("snmf", "Shafran et al. 2025, Decomposing MLP activations into interpretable features via semi-NMF",
+    Claim("snmf", "Shafran, Geiger & Geva 2025, Decomposing MLP Activations into Interpretable Features via Semi-NMF",
           "semi-NMF features steer better than SAE features",
           a_name="snmf", b_name="topk_resid",
           a={"kind": "snmf", "hookpoint_in": "mlp_hidden.{L}", "n_features": "{snmf_features}", "solver": "memory",
              "max_rows": 32768, "max_iters": "{snmf_iters}"},
-          b={"kind": "topk", "hookpoint_in": "resid_post.{L}", "k": "{k}"},
+          b={"kind": "topk", "hookpoint_in": "resid_post.{L}", "k": "{k}", "expansion": "{expansion}"},
           metrics=(_claimed(RATE, "better"), _claimed(FEATURE, "better"), AUC, FVU, CE_SCORE),
           steering=True, needs=("mlp_hidden.{L}", "resid_post.{L}")),
 )}
@@ -249,6 +249,11 @@ def _fill(template: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _model_and_corpus(args: argparse.Namespace) -> list[str]:
+    return [*_table("[model]", {"name": str(args.model), "dtype": "float32"}),
+            *_table("[corpus]", {"path": str(args.corpus), "field": "text", "context_length": 128})]
+
+
 def names(claim: Claim, seed: int) -> tuple[str, str]:
     """The run's decomposer names of A and B for one seed."""
     return f"{claim.a_name}_s{seed}", f"{claim.b_name}_s{seed}"
@@ -256,10 +261,9 @@ def names(claim: Claim, seed: int) -> tuple[str, str]:
 
 def run_config(claim: Claim, out: Path, cache: Path, args: argparse.Namespace) -> str:
     """The TOML run config of one claim's folder: both dictionaries per seed, one budget, one cache."""
-    params = {"L": args.layer, "k": args.k, "snmf_features": args.snmf_features, "snmf_iters": args.snmf_iters}
-    lines = [f"out_dir = {_toml_value(str(out))}"]
-    lines += _table("[model]", {"name": str(args.model), "dtype": "float32"})
-    lines += _table("[corpus]", {"path": str(args.corpus), "field": "text", "context_length": 128})
+    params = {"L": args.layer, "k": args.k, "expansion": args.expansion, "snmf_features": args.snmf_features,
+              "snmf_iters": args.snmf_iters}
+    lines = [f"out_dir = {_toml_value(str(out))}", *_model_and_corpus(args)]
     lines += _table("[train]", {"cache": str(cache), "batch_size": args.batch_size, "n_steps": args.steps,
                                 "lr": args.lr, "warmup_steps": min(50, max(1, args.steps // 6)),
                                 "log_every": max(1, args.steps // 4), "checkpoint_every": 100_000,
@@ -267,8 +271,6 @@ def run_config(claim: Claim, out: Path, cache: Path, args: argparse.Namespace) -
     for seed in range(args.seed, args.seed + args.seeds):
         for name, template in zip(names(claim, seed), (claim.a, claim.b)):
             table = {"name": name, **_fill(template, params), "seed": seed}
-            if table["kind"] != "snmf":
-                table["expansion"] = args.expansion
             lines += _table("[[decomposers]]", table)
     lines += _table("[eval]", {"n_eval_rows": args.eval_rows, "n_downstream_sequences": args.downstream_sequences,
                                "n_feature_cards": 0, "torch_threads": 1, "seed": args.seed})
@@ -294,9 +296,7 @@ def cli(argv: list[str]) -> None:
 
 def harvest(folder: Path, hookpoints: list[str], gradients: list[str], n_tokens: int, args) -> Path:
     """A fresh cache at `folder` through `dictlearn harvest` (resumed when a previous call was cut short)."""
-    lines = [f"out_dir = {_toml_value(str(folder.parent))}"]
-    lines += _table("[model]", {"name": str(args.model), "dtype": "float32"})
-    lines += _table("[corpus]", {"path": str(args.corpus), "field": "text", "context_length": 128})
+    lines = [f"out_dir = {_toml_value(str(folder.parent))}", *_model_and_corpus(args)]
     lines += _table("[harvest]", {"hookpoints": hookpoints, "gradients": gradients, "n_tokens": n_tokens,
                                   "dtype": "bfloat16", "eval_fraction": 0.1, "shard_mb": shard_mb(n_tokens, hookpoints + gradients)})
     lines += _table("[train]", {"cache": str(folder)})
@@ -478,16 +478,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    claims = [CLAIMS[n] for n in args.claims]
-    caches = pick_caches(claims, args)
-    results = {c.name: evaluate_claim(c, out / c.name, caches[c.name], args) for c in claims}
-    seconds = time.perf_counter() - tic
     command = "python bench/claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
     from dictlearn.eval.report import json_safe
     from dictlearn.files import atomic_write_json
 
-    atomic_write_json(out / "claims.json", json_safe({"command": command, "options": vars(args), "seconds": seconds,
-                                                       "claims": results}))
+    results = {}
+    for claim in (CLAIMS[n] for n in args.claims):  # in the order given; claims.json grows after each one
+        cache = pick_caches([claim], args)[claim.name]
+        results[claim.name] = evaluate_claim(claim, out / claim.name, cache, args)
+        seconds = time.perf_counter() - tic
+        atomic_write_json(out / "claims.json", json_safe({"command": command, "options": vars(args),
+                                                           "seconds": seconds, "claims": results}))
     print(f"\n{command}\n{seconds:.0f} s; {args.steps} steps of {args.batch_size} rows per dictionary, k {args.k}, "
           f"layer {args.layer}\n")
     for name, result in results.items():
