@@ -42,6 +42,8 @@ SECTIONS = [
     ("train", "TrainConfig", "options shared by every dictionary trained in one pass"),
     ("eval", "EvalConfig", "the evaluation suite"),
     ("eval.steering", "SteeringConfig", "the steering evaluation (absent: not run)"),
+    ("eval.probing", "ProbingConfig", "sparse probing (absent: not run)"),
+    ("eval.absorption", "AbsorptionConfig", "first-letter feature absorption (absent: not run)"),
     ("eval.matching", "MatchingConfig", "feature matching between dictionaries (absent: not run)"),
     ("export", "ExportConfig", "export options"),
     ("wandb", "WandbConfig", "training logs sent to Weights & Biases"),

@@ -205,3 +205,23 @@ def test_parts_are_written_reused_and_merged_into_the_records(tiny_run, monkeypa
     (out / "eval" / "absorption.json").write_text("{}")
     eval_stage(make(*parts, "eval.probing.seed=1"), log=lambda s: None)
     assert calls[-1] == "absorption"  # a damaged output is redone, never read back
+
+
+def test_eval_only_harvest_holds_every_shard_out_and_training_refuses_it(tiny_harvest, tiny_kind, tmp_path, capsys):
+    from conftest import CLI_CONFIG
+
+    from dictlearn.activations.harvest import eval_shard_ids
+    from dictlearn.cli import main
+
+    assert eval_shard_ids(5, 1.0) == [0, 1, 2, 3, 4] and eval_shard_ids(1, 1.0) == [0]
+    assert eval_shard_ids(5, 0.2) == [2]  # below 1: unchanged
+    cache = tiny_harvest(out=tmp_path / "held", eval_fraction=1.0, n_tokens=1024)
+    assert cache.rows("eval") == cache.rows("all") > 0 and cache.rows("train") == 0
+    cache.verify(checksums=True)
+    config = tmp_path / "t.toml"
+    config.write_text(CLI_CONFIG.format(out=tmp_path / "o", wandb="disabled")
+                      .replace("[train]\n", f'[train]\ncache = "{cache.path}"\n'))
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "eval-only" in err and "nothing to train on" in err and "Traceback" not in err, err

@@ -19,9 +19,11 @@ PROBE_SCALARS = {"sparse_probe_k1": ("probing", "1"), "sparse_probe_k5": ("probi
 
 
 def reused_or_computed(folder: Path, name: str, inputs: dict[str, Any], options: dict[str, Any],
-                       compute: Callable[[], dict[str, Any]], force: bool, log: Log) -> dict[str, Any]:
+                       compute: Callable[[], dict[str, Any]], force: bool, log: Log,
+                       also: tuple[str, ...] = ()) -> dict[str, Any]:
     """<folder>/<name>.json: read back while its inputs and options are unchanged, else computed (its "seconds"
-    measured here when the part does not say), written atomically and stamped."""
+    measured here when the part does not say), written atomically and stamped; `also`: other files the part
+    writes (relative to folder), stamped with it where they exist (one deleted or edited: the part runs again)."""
     from dictlearn.eval.report import json_safe
     from dictlearn.files import atomic_write_json
     from dictlearn.run import mark_done, up_to_date
@@ -35,7 +37,8 @@ def reused_or_computed(folder: Path, name: str, inputs: dict[str, Any], options:
     result = json_safe({**result, "seconds": result.get("seconds", time.perf_counter() - t0)})
     Path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)
-    mark_done(folder, inputs, options, [f"{name}.json"], name=name)
+    written = [rel for rel in also if (Path(folder) / rel).is_file()]
+    mark_done(folder, inputs, options, [f"{name}.json", *written], name=name)
     log(f"eval: {name} in {result['seconds']:.0f} s")
     return result
 
@@ -47,16 +50,19 @@ def stage_options(config: Any) -> dict[str, Any]:
 
 
 def steering_part(run, decomposers, all_inputs, config, cache, torch_threads: int, force: bool, log: Log) -> dict:
-    """eval/steering.json (dictlearn.eval.steering)."""
+    """eval/steering.json (dictlearn.eval.steering), and every judged continuation side by side in
+    eval/steering/ (continuations.jsonl, index.html)."""
     from dictlearn.eval.steering import evaluate_steering
 
     def compute() -> dict[str, Any]:
         model = run.model(torch_threads)  # loaded once per run: the reconstruction pass may have loaded it already
         t0 = time.perf_counter()
-        result = evaluate_steering(model.model, model.tokenizer, decomposers, cache, config, log=log)
+        result = evaluate_steering(model.model, model.tokenizer, decomposers, cache, config, log=log,
+                                   out_dir=run.eval_dir / "steering")
         return {**result, "seconds": time.perf_counter() - t0}
 
-    return reused_or_computed(run.eval_dir, "steering", all_inputs, stage_options(config), compute, force, log)
+    return reused_or_computed(run.eval_dir, "steering", all_inputs, stage_options(config), compute, force, log,
+                              also=("steering/continuations.jsonl", "steering/index.html"))
 
 
 def probing_part(run, decomposers, all_inputs, config, torch_threads: int, force: bool, log: Log) -> dict:

@@ -1,4 +1,5 @@
-"""`dictlearn run CONFIG.toml`: harvest -> train -> eval (report, feature cards) -> export.
+"""`dictlearn run CONFIG.toml`: harvest -> train -> eval (report, feature cards, the [eval.<part>] tables, and
+each [[eval.ood]] text scored from its own eval-only harvest in <out_dir>/eval_ood/<label>/) -> export.
 
 With `train.source = "model"` the harvest stage writes only the held-out shards (for eval) and the train stage
 runs the model as it trains (dictlearn.activations.online).
