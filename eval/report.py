@@ -352,6 +352,7 @@ def _scatter_panel(ax: Any, pts: list[dict[str, Any]], key: str, colour: dict[st
             f = pareto_front([(r["l0"], r[key]) for r in mine])
             ax.plot([p[0] for p in f], [p[1] for p in f], color=colour[k], alpha=0.6)
     _mark_off(ax, pts, key)
+    ax.margins(0.15)  # room for the names written next to the points
     ax.set_xlabel("L0 (active features per token)")
     _log_l0_axis(ax, [r["l0"] for r in pts])
     ax.grid(alpha=0.3)
@@ -439,7 +440,8 @@ def plot_steering(steering: dict[str, Any], plt: Any) -> Any | None:
             else:
                 names.append(name)
                 values.append(pts[0][1])
-                ci = pts[0][2]
+                summary = rec.get("summary") or {}
+                ci = pts[0][2] or (summary.get(f"{key}_ci") if summary.get("kl_target") == pts[0][0] else None)
                 errs.append((pts[0][1] - ci[0], ci[1] - pts[0][1]) if isinstance(ci, (list, tuple)) and len(ci) == 2
                             else (0.0, 0.0))
         if len(targets) > 1:
@@ -449,8 +451,9 @@ def plot_steering(steering: dict[str, Any], plt: Any) -> Any | None:
             ax.xaxis.set_minor_formatter(NullFormatter())
         elif names:
             yerr = np.array(errs).T if any(e != (0.0, 0.0) for e in errs) else None
-            ax.bar(range(len(names)), values, yerr=yerr, capsize=3,
-                   color=["tab:gray" if recs[n].get("kind") in ("diffmean", "random") else "tab:blue" for n in names])
+            bars = ax.bar(range(len(names)), values, yerr=yerr, capsize=3,
+                          color=["tab:gray" if recs[n].get("kind") in ("diffmean", "random") else "tab:blue" for n in names])
+            ax.bar_label(bars, fmt="%.2g", fontsize=6)  # a zero shows as 0, not as a missing bar
             ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
             ax.set_ylabel(f"at KL {targets[0]:g} nats")
     if not handles and len(targets) > 1:
