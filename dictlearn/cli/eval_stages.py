@@ -70,12 +70,21 @@ def probing_part(run, decomposers, all_inputs, config, torch_threads: int, force
     from dictlearn.eval.probing import run_probing
 
     corpus, chat = probing_texts(run)
-    inputs = {**all_inputs, "model": run.model_reference()[1] or run.model_reference()[0],
-              **({"corpus": Path(corpus)} if corpus and Path(corpus).is_file() else {"corpus_name": corpus}),
-              **({"chat": Path(chat)} if chat and Path(chat).is_file() else {"chat_name": chat})}
+    inputs = {**all_inputs, "model": model_identity(run), "corpus": by_content(corpus), "chat": by_content(chat)}
     return reused_or_computed(run.eval_dir, "probing", inputs, stage_options(config),
                               lambda: run_probing(run.model(torch_threads), decomposers, config, corpus, chat, log),
                               force, log)
+
+
+def model_identity(run) -> str | None:
+    """The run's model by its weights' fingerprint (its name where the cache has none)."""
+    name, fingerprint = run.model_reference()
+    return fingerprint or name
+
+
+def by_content(path: str | None) -> Path | str | None:
+    """A local file counts by its content (the up-to-date rule hashes it); anything else by its name."""
+    return Path(path) if path and Path(path).is_file() else path
 
 
 def probing_texts(run) -> tuple[str | None, str | None]:
@@ -91,7 +100,7 @@ def absorption_part(run, decomposers, all_inputs, config, torch_threads: int, fo
     """eval/absorption.json (dictlearn.eval.absorption): the first-letter absorption rate."""
     from dictlearn.eval.absorption import run_absorption
 
-    inputs = {**all_inputs, "model": run.model_reference()[1] or run.model_reference()[0]}
+    inputs = {**all_inputs, "model": model_identity(run)}
     return reused_or_computed(run.eval_dir, "absorption", inputs, stage_options(config),
                               lambda: run_absorption(run.model(torch_threads), decomposers, config, log), force, log)
 
