@@ -175,7 +175,7 @@ def ood_part(run, decomposers: dict[str, Any], entry, cfg, cache, force: bool, l
     from dictlearn.eval.report import json_safe
     from dictlearn.files import atomic_write_json
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     folder = run.ood_dir(entry.label)
     corpus = ood_corpus(entry, cache.context_length)
     needed = sorted({h for d in decomposers.values() for hps in site_hookpoints(d) for h in hps})
@@ -189,13 +189,15 @@ def ood_part(run, decomposers: dict[str, Any], entry, cfg, cache, force: bool, l
     records = scored_records(run, decomposers, text_cache, ood_cfg, folder, force, log, extra={"ood": dataclasses.asdict(entry)})
     model_name, fingerprint = run.model_reference()
     n_tokens = int(text_cache.manifest.get("n_tokens", 0))
-    seconds = {"harvest": harvest_seconds, "total": time.perf_counter() - t0}
+    seconds = {"harvest": harvest_seconds, "total": time.perf_counter() - t0,
+               "cpu": time.process_time() - cpu0}  # every thread's CPU time: the cost on a busy machine
     meta = {"label": entry.label, "corpus": str(corpus.path), "n_tokens": n_tokens, "cache": str(text_cache.path),
             "model": model_name, "model_fingerprint": fingerprint, "eval_config": run.stage_options(ood_cfg),
             "seconds": seconds}
     ordered = [records[n] for n in decomposers]
     atomic_write_json(folder / "metrics.json", json_safe({"meta": meta, "decomposers": ordered}))
-    log(f"eval: {entry.label}: wrote {folder / 'metrics.json'} in {seconds['total']:.0f} s (harvest {harvest_seconds:.0f} s)")
+    log(f"eval: {entry.label}: wrote {folder / 'metrics.json'} in {seconds['total']:.0f} s (harvest {harvest_seconds:.0f} s; "
+        f"{seconds['cpu']:.0f} CPU-seconds)")
     return {"corpus": str(corpus.path), "n_tokens": n_tokens, "records": ordered, "seconds": seconds["total"]}
 
 
