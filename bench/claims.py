@@ -433,9 +433,11 @@ def format_claim(name: str, result: dict[str, Any]) -> str:
                      f"{row['verdict']} |")
     lines += ["", "How decided: " + "; ".join(dict.fromkeys(f"{r['metric']}: {r['how']}" for r in result["rows"]
                                                            if r["claim"]))]
+    if result.get("steering_references"):
+        lines.append("")
     for ref, values in result.get("steering_references", {}).items():
         ci = values.get("concept_rate_ci")
-        lines.append(f"Reference {ref}: concept rate {_fmt(values['concept_rate'])}"
+        lines.append(f"- reference {ref}: concept rate {_fmt(values['concept_rate'])}"
                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f", p vs random {_fmt(values['p_value'])}")
     return "\n".join(lines)
 

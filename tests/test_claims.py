@@ -157,7 +157,7 @@ def test_format_claim_prints_every_row_and_how_it_was_decided():
                   "concept_rate": 0.5, "concept_rate_ci": [0.3, 0.7], "p_value": 0.001}}}
     text = claims.format_claim("gtopk", result)
     assert "| A better | CE score | 0.900 | 0.800 | +0.100 [+0.090, +0.110] | supports |" in text
-    assert "assumed tolerance" in text and "diffmean@resid_post.10: concept rate 0.500 [0.300, 0.700]" in text
+    assert "assumed tolerance" in text and "- reference diffmean@resid_post.10: concept rate 0.500 [0.300, 0.700]" in text
 
 
 # --- a real run of one claim (the framework's stages on the SmolLM2 test cache) -----------------------------------
