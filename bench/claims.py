@@ -329,6 +329,9 @@ def pick_caches(claims: list[Claim], args) -> dict[str, Path]:
         source = Path(args.cache).resolve()
         if main.is_symlink() and main.resolve() != source:
             main.unlink()
+        if main.exists() and not main.is_symlink():
+            raise SystemExit(f"claims: {main} is a cache this script harvested earlier; use another --out to compare "
+                             f"on --cache {args.cache}")
         if not main.exists():
             main.symlink_to(source, target_is_directory=True)
         have = cache_arrays(main)
@@ -485,9 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     from dictlearn.files import atomic_write_json
 
     results = {}
-    for claim in (CLAIMS[n] for n in args.claims):  # in the order given; claims.json grows after each one
-        cache = pick_caches([claim], args)[claim.name]
-        results[claim.name] = evaluate_claim(claim, out / claim.name, cache, args)
+    caches = pick_caches([CLAIMS[n] for n in args.claims], args)  # every harvest first, each cache once
+    for name in args.claims:  # in the order given; claims.json grows after each one
+        results[name] = evaluate_claim(CLAIMS[name], out / name, caches[name], args)
         seconds = time.perf_counter() - tic
         atomic_write_json(out / "claims.json", json_safe({"command": command, "options": vars(args),
                                                            "seconds": seconds, "claims": results}))

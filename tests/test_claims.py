@@ -175,3 +175,32 @@ def test_smoke_transcoder_claim_on_the_test_cache(smol_cache, tmp_path, capsys):
     assert rows["L0"]["a"] == pytest.approx(rows["L0"]["b"])  # TopK on both sides: the same L0
     assert rows["CE-loss score (spliced)"]["verdict"] in ("supports (within noise)", "supports (A better)", "contradicts")
     assert (out / "cache").is_symlink() and not (Path(smol_cache.path) / "decomposers").exists()
+
+
+def _fake_cache(folder: Path, arrays: list[str]) -> Path:
+    from dictlearn.activations.cache import FORMAT, FORMAT_VERSION, MANIFEST
+
+    folder.mkdir(parents=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": [],
+                "hookpoints": {a: {"width": 8, "dtype": "bfloat16"} for a in arrays}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_given_cache_is_linked_read_only_and_a_missing_array_is_named(tmp_path):
+    given = _fake_cache(tmp_path / "given", ["mlp_in.3", "mlp_out.3", "mlp_hidden.3", "resid_post.3"])
+    args = _args(tmp_path / "out", cache=str(given))
+    (tmp_path / "out").mkdir()
+    chosen = claims.pick_caches([claims.CLAIMS["transcoder"], claims.CLAIMS["snmf"]], args)
+    link = tmp_path / "out" / "cache"
+    assert chosen == {"transcoder": link, "snmf": link} and link.is_symlink() and link.resolve() == given
+    assert sorted(p.name for p in given.iterdir()) == ["manifest.json"]  # nothing written into it
+    with pytest.raises(SystemExit, match=r"lacks \['mlp_in.4', 'mlp_out.4'\] for claim 'transcoder'"):
+        claims.pick_caches([claims.CLAIMS["transcoder"]], _args(tmp_path / "out", cache=str(given), layer=4))
+
+
+def test_a_harvested_cache_is_not_silently_replaced_by_a_given_one(tmp_path):
+    _fake_cache(tmp_path / "out" / "cache", ["mlp_in.3", "mlp_out.3"])
+    given = _fake_cache(tmp_path / "given", ["mlp_in.3", "mlp_out.3"])
+    with pytest.raises(SystemExit, match="harvested earlier; use another --out"):
+        claims.pick_caches([claims.CLAIMS["transcoder"]], _args(tmp_path / "out", cache=str(given)))
