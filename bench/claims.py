@@ -45,8 +45,11 @@ ASSETS = Path(os.environ.get("DICTLEARN_ASSETS", ROOT.parent / "shared" / "asset
 MODEL = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS = ASSETS / "english-corpus.jsonl.gz"
 
-# Assumed noise of a scalar metric's A - B when there is only one seed (not measured: say so next to it).
-TOLERANCE = {"fvu": 0.01, "ce_loss_score": 0.01, "ce_loss_increase": 0.02, "feature_concept": 0.02,
+# Assumed noise of a scalar metric's A - B when there is only one seed (the table says so next to it). FVU and
+# CE-loss score: about twice the seed-to-seed sd of the paired difference measured with --seeds 3 on the
+# transcoder claim (0.005 and 0.015, docs/benchmarks.md); the CE increase's 0.003 there was at mlp_out, whose
+# ablation costs 0.2 nats, so the residual stream's 10x larger increases keep 0.02; the rest are not measured.
+TOLERANCE = {"fvu": 0.01, "ce_loss_score": 0.03, "ce_loss_increase": 0.02, "feature_concept": 0.02,
              "detection_auc": 0.05, "l0": 1.0}
 Z95 = 1.959964
 

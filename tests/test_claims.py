@@ -156,7 +156,8 @@ def test_format_claim_prints_every_row_and_how_it_was_decided():
               "rows": [row.__dict__], "steering_references": {"diffmean@resid_post.10": {
                   "concept_rate": 0.5, "concept_rate_ci": [0.3, 0.7], "p_value": 0.001}}}
     text = claims.format_claim("gtopk", result)
-    assert "| A better | CE score | 0.900 | 0.800 | +0.100 [+0.090, +0.110] | supports |" in text
+    tol = claims.TOLERANCE["ce_loss_score"]
+    assert f"| A better | CE score | 0.900 | 0.800 | +0.100 [{0.1 - tol:+.3f}, {0.1 + tol:+.3f}] | supports |" in text
     assert "assumed tolerance" in text and "- reference diffmean@resid_post.10: concept rate 0.500 [0.300, 0.700]" in text
 
 
