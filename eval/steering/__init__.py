@@ -9,7 +9,7 @@ probe and a lexical classifier that must agree, behind fluency gates?) are calib
 and compared with random directions at equal KL. The modules, one job each:
 
   config.py    SteeringConfig, the [eval.steering] options
-  prompts.py   the judge prompts and seeded, batched generation (neutral prompts: dictlearn.steering.prompts)
+  prompts.py   the judge prompts and batched generation by rows (per-row steering and random stream)
   reading.py   reading text back with the unsteered model (pooled activations, per-token loss)
   corpus.py    the labelled corpus: documents, split by document, token windows read by the model
   features.py  a decomposer's side: steering site, vocabulary projection, firing statistics, detection
@@ -18,13 +18,13 @@ and compared with random directions at equal KL. The modules, one job each:
   runs.py      calibrated vectors and the cached steered runs of one evaluation
   curves.py    feature, concept and random-direction curves over (sign, KL target)
   records.py   typed results; SteeringResult.to_json() is steering.json's shape
+  page.py      every judged continuation: continuations.jsonl and the side-by-side index.html
   evaluate.py  the orchestration
 
 Cost (generation dominates): per decomposer (n_features + len(concepts)) x len(kl_targets) x len(signs)
-generation runs of n_prompts x samples_per_prompt continuations, plus the same per DiffMean and n_random per
-hookpoint. A run of 32 continuations x 32 tokens (generate + re-read) costs about 15 CPU-seconds on a 2-core
-machine (use one torch thread when the CPU is shared). Measured: 32 prompts x 4 samples x 32 tokens, 5 BBC
-topics, one hookpoint: about 9 CPU-minutes.
+conditions of n_prompts x samples_per_prompt continuations, plus the same per DiffMean and n_random per
+hookpoint, all generated together in batches of batch_size rows (and read back together), so the cost is
+about proportional to the number of generated tokens; see docs/steering.md for measured figures.
 """
 
 from dictlearn.eval.steering.config import SteeringConfig

@@ -99,6 +99,7 @@ def run_steering(model: torch.nn.Module, tokenizer: Any, decomposers: dict[str, 
                                                     cfg.concepts, live)
         best = [v.feature for v in detection[n].values() if v.feature is not None]
         runs.tracked[n] = np.array(sorted(set(sampled[n]) | set(best)), int)
+        runs.sampled[n] = sampled[n]
         runs.feature_max[n] = fmax
         log(f"steering: {n}: {len(live)}/{d.config.n_features} features live on {n_tok} tokens; sampled {sampled[n]}")
 

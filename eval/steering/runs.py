@@ -59,6 +59,7 @@ class SteeringRuns:
         self.prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompt_texts]
         self.calibrators = {n: KLCalibrator(model, h, self.prompts) for n, h in self.steer_hps.items()}
         self.tracked: dict[str, np.ndarray] = {n: np.zeros(0, int) for n in decomposers}  # features read back
+        self.sampled: dict[str, list[int]] = {n: [] for n in decomposers}  # the feature curve's features
         self.feature_max: dict[str, np.ndarray] = {}
         self.vectors: dict[VectorKey, tuple[str, torch.Tensor]] = {}  # key -> (hookpoint, unit vector)
         self.cals: dict[VectorKey, dict[int, list[Calibration]]] = {}  # key -> sign -> one per KL target
@@ -132,9 +133,11 @@ class SteeringRuns:
         return sample_rows(self.prompts, self.cfg.samples_per_prompt, self.cfg.seed, steer)
 
     def _reads_codes(self, cond: Condition, name: str) -> bool:
-        """Whether decomposer `name`'s feature curve reads its codes in this condition's continuations: its
-        own features, the random directions at its site, and the unsteered run."""
+        """Whether decomposer `name`'s feature curve (when it has sampled features) reads its codes in this
+        condition's continuations: its own features, the random directions at its site, and the unsteered run."""
         key = cond[0]
+        if not self.sampled[name]:
+            return False
         if key == UNSTEERED:
             return True
         if key[0] == "feature":
@@ -151,6 +154,7 @@ class SteeringRuns:
         self.log(f"steering: generating {len(todo)} conditions x {per} continuations of {self.cfg.max_new_tokens} "
                  f"tokens in batches of {self.cfg.batch_size}")
         conts = self.generate(rows)
+        self.log(f"steering: reading back {len(rows)} continuations")
         code_rows = {n: np.repeat([self._reads_codes(c, n) for c in todo], per) for n in self.decs}
         g = self.read_generations(conts, self.repeated_prompts * len(todo), code_rows)
         offsets = {n: np.concatenate([[0], np.cumsum(np.repeat([self._reads_codes(c, n) for c in todo], per))])
