@@ -39,7 +39,7 @@ class SteeringConfig:
     tol: float = 0.02  # calibration: relative KL tolerance
     max_forwards: int = 16  # calibration: forward passes per target at most
     cache_rows: int = 20000  # eval-split cache rows for feature firing statistics
-    batch_size: int = 32  # generation batch (reading uses half)
+    batch_size: int = 32  # generation batch: rows of any conditions together (reading: at most 16 sequences)
     seed: int = 0  # sampling and data-split seed
 
     def __post_init__(self) -> None:

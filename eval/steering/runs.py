@@ -27,6 +27,7 @@ UNSTEERED: VectorKey = ("unsteered",)  # the unsteered model (no vector; KL targ
 Condition = tuple  # (VectorKey, KL target, sign)
 BASE: Condition = (UNSTEERED, None, 0)
 READ_CHUNK = 256  # continuations read back per chunk (their per-token activations are dropped after each)
+READ_BATCH = 16  # sequences per reading forward: bigger batches only grow the (B, T, vocab) logits, no faster
 
 
 @dataclass
@@ -89,7 +90,7 @@ class SteeringRuns:
             b = min(len(conts), a + READ_CHUNK)
             seqs = [p + c for p, c in zip(prompts[a:b], conts[a:b])]
             read = read_sequences(self.model, seqs, [len(p) for p in prompts[a:b]], list(hps.values()),
-                                  keep_tokens=keep, with_loss=True, batch_size=max(1, self.cfg.batch_size // 2))
+                                  keep_tokens=keep, with_loss=True, batch_size=min(READ_BATCH, self.cfg.batch_size))
             loss.append(read.loss)
             probe_x.append(read.pooled[self.probe_hp.name])
             for n, rows in code_rows.items():
