@@ -193,10 +193,11 @@ def probing_section(probing: dict[str, Any] | None, absorption: dict[str, Any] |
         rows = [[name, str(r.get("hookpoint"))] + [_fmt(r.get(k), f) for k, f in (
             ("absorption_rate", "{:.3f}"), ("full_absorption_rate", "{:.3f}"), ("mean_f1", "{:.3f}"),
             ("n_letters", "{}"), ("probe_accuracy", "{:.3f}"))] for name, r in absorption["records"].items()]
-        parts += ["", "### Feature absorption (first letter)", "", "Share of words whose first letter a linear probe "
-                  "reads but the letter's own latents miss while another latent carries the direction (absorption), "
-                  "the same counting partial absorption (full), the letter latents' mean F1, and the first-letter "
-                  "probe's own accuracy.", "",
+        parts += ["", "### Feature absorption (first letter)", "", "On words whose first letter a linear probe reads, "
+                  "the mean share of the probe direction carried by other latents instead of the letter's own "
+                  "(absorption: SAEBench's absorption fraction, partial absorption included), the share of words "
+                  "where the letter's latents do not fire at all and one other latent carries it (full absorption), "
+                  "the letter latents' mean F1, and the first-letter probe's own accuracy.", "",
                   _table(["decomposer", "reads", "absorption", "full absorption", "mean F1", "letters",
                           "letter probe acc."], rows)]
         probes = absorption.get("probe") or {}
